@@ -1,0 +1,163 @@
+"""Cluster commands: ``up``, ``down``, ``status``, ``exec`` (hosts → SSH → Ray cluster).
+
+``drain HOST`` is meant to join these later (see ``register``): it will reuse
+:class:`cluster.raycluster.RayCluster` to stop one host after Ray drained it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cluster.errors import FleetserveError
+
+HostfileArg = Annotated[Path, typer.Argument(help="Hostfile (FlagScale format, optional [cluster] section) or cluster YAML.")]
+OptHostfileArg = Annotated[
+    Optional[Path], typer.Argument(help="Hostfile; default: the one the last `fleetserve up` used.")
+]
+
+
+def _fail(exc: Exception) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(1)
+
+
+def up(
+    hostfile: HostfileArg,
+    trust_new_host_keys: Annotated[bool, typer.Option(
+        "--trust-new-host-keys", help="Accept and record host keys missing from known_hosts (never changed ones).")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for every node to join (default: ray.join_timeout).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Preflight every host, start Ray (head first, workers in parallel), wait until all joined."""
+    from cluster.hosts import load_hostfile
+    from cluster.raycluster import RayCluster
+
+    try:
+        config = load_hostfile(hostfile)
+        with RayCluster(config, trust_new_host_keys=trust_new_host_keys) as rc:
+            summary = rc.up(join_timeout=timeout)
+    except FleetserveError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    out = Console()
+    started = summary["started"]
+    verb = f"started Ray on {len(started)} host(s)" if started else "nothing to do: every host is already a node"
+    out.print(f"cluster up at {summary['address']} ({verb}, {summary['seconds']:.1f}s)", highlight=False)
+    if summary["dashboard"]:
+        out.print(f"dashboard: {summary['dashboard']}", highlight=False)
+
+
+def down(hostfile: OptHostfileArg = None) -> None:
+    """Stop Ray on every host of the hostfile (workers first, then the head)."""
+    from cluster.raycluster import RayCluster, resolve_hostfile
+
+    try:
+        config = resolve_hostfile(hostfile)
+        with RayCluster(config) as rc:
+            result = rc.down()
+    except FleetserveError as exc:
+        _fail(exc)
+        return
+    bad = {h: r for h, r in result.items() if r != "stopped"}
+    if bad:
+        Console(stderr=True).print("[bold red]not every host was stopped:[/]\n" +
+                                   "\n".join(f"  {h}: {r}" for h, r in bad.items()), highlight=False)
+        raise typer.Exit(1)
+    Console().print(f"cluster down ({len(result)} host(s))", highlight=False)
+
+
+def status(
+    hostfile: OptHostfileArg = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Nodes, GPUs, health, Serve applications and the dashboard URL."""
+    from cluster.raycluster import RayCluster, resolve_hostfile
+
+    try:
+        config = resolve_hostfile(hostfile)
+        with RayCluster(config) as rc:
+            st = rc.status()
+    except FleetserveError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        print(json.dumps(st, indent=2))
+    else:
+        out = Console()
+        table = Table(title=f"Ray cluster {st['address']}")
+        for col in ("host", "ip", "role", "state", "GPUs", "CPUs"):
+            table.add_column(col)
+        for n in st["nodes"]:
+            gpus = f"{n['gpus']:g}" + (f" / slots {n['slots']}" if n["slots"] is not None else "")
+            table.add_row(n["host"], n["ip"], "head" if n["head"] else "worker",
+                          "[green]alive[/]" if n["alive"] else "[red]dead[/]", gpus, f"{n['cpus']:g}")
+        out.print(table)
+        health = "[green]healthy[/]" if st["healthy"] else f"[red]unhealthy[/]: not alive: {', '.join(st['missing'])}"
+        out.print(f"health: {health}; GPUs: {st['gpus_total']:g}")
+        out.print(f"dashboard: {st['dashboard'] or 'disabled'}", highlight=False)
+        if st["serve"]:
+            for app, info in st["serve"].items():
+                deps = ", ".join(f"{d}={s}" for d, s in info["deployments"].items())
+                out.print(f"serve app {app}: {info['status']} ({deps})", highlight=False)
+        else:
+            out.print("serve: no applications" + (f" ({st['serve_error']})" if st.get("serve_error") else ""))
+    if not st["healthy"]:
+        raise typer.Exit(2)
+
+
+def exec_(
+    hostfile: HostfileArg,
+    command: Annotated[list[str], typer.Argument(help="Command to run on every host (after --).")],
+    on_host: Annotated[bool, typer.Option("--on-host", help="Docker mode: run on the host, not in the Ray container.")] = False,
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="Only these hosts (repeatable).")] = None,
+) -> None:
+    """Run a command on every host in parallel; output lines are prefixed with the host."""
+    import shlex
+
+    from cluster.hosts import load_hostfile
+    from cluster.raycluster import RayCluster
+
+    lock = threading.Lock()
+
+    def emit(name: str, stream: str, line: str) -> None:
+        with lock:
+            target = sys.stderr if stream == "stderr" else sys.stdout
+            print(f"[{name}] {line}", file=target, flush=True)
+
+    try:
+        config = load_hostfile(hostfile)
+        hosts = [config.host(h) for h in host] if host else None
+        if command and command[0] == "--":  # click keeps `--` when interspersed args are off
+            command = command[1:]
+        if not command:
+            raise FleetserveError("no command given\n  fix: fleetserve exec HOSTFILE -- CMD")
+        cmd = command[0] if len(command) == 1 else shlex.join(command)
+        with RayCluster(config) as rc:
+            results = rc.exec(cmd, emit, hosts=hosts, in_container=not on_host)
+    except FleetserveError as exc:
+        _fail(exc)
+        return
+    failed = {h: r for h, r in results.items() if r != 0}
+    for name, r in failed.items():
+        print(f"[{name}] " + (f"exit status {r}" if isinstance(r, int) else f"error: {r}"), file=sys.stderr)
+    if failed:
+        raise typer.Exit(max((r for r in failed.values() if isinstance(r, int)), default=255))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the cluster commands to the top-level app (``drain`` will be registered here too)."""
+    app.command("up")(up)
+    app.command("down")(down)
+    app.command("status")(status)
+    app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)

@@ -1,0 +1,140 @@
+"""Application builder: deployment spec -> Ray Serve app of vLLM replicas.
+
+``deployments/*.yaml`` point Ray Serve at :func:`build_app`
+(``import_path: cluster.serving.app:build_app``). Ray Serve LLM
+(``ray.serve.llm``) already provides the vLLM replica, its placement group and
+the OpenAI layer; this module only translates our validated spec into its
+``LLMConfig`` objects and swaps in two thin subclasses:
+
+* :class:`cluster.serving.engine.FleetLLMServer` -- checks the FlagGems switch on
+  the replica's host before the engine starts, and reports which kernels run.
+* :class:`cluster.serving.ingress.FleetIngress` -- adds ``/health``, 4xx
+  validation of multimodal input before it reaches a replica, retries of
+  requests no replica could start, and 503 + Retry-After instead of hangs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from cluster.kernels import engine_overrides, runtime_env_vars
+from cluster.serving.placement import replica_placement
+from cluster.spec import DeploymentSpec, ServingArgs, check_world_size, load_serving_args
+from cluster.errors import ConfigErrors
+
+SERVER_CLS = "cluster.serving.engine:FleetLLMServer"
+
+
+def engine_kwargs_for(spec: DeploymentSpec) -> dict[str, Any]:
+    """vLLM engine kwargs: user passthrough + what the spec owns + FlagGems mode."""
+    kwargs: dict[str, Any] = dict(spec.engine_args)
+    kwargs["tensor_parallel_size"] = spec.tensor_parallel_size
+    kwargs["pipeline_parallel_size"] = spec.pipeline_parallel_size
+    if spec.limit_mm_per_prompt:
+        kwargs["limit_mm_per_prompt"] = dict(spec.limit_mm_per_prompt)
+    if spec.model.load_format != "auto":
+        kwargs["load_format"] = spec.model.load_format
+    if spec.model.tokenizer:
+        kwargs["tokenizer"] = spec.model.tokenizer
+    for key, value in engine_overrides(spec.flaggems).items():
+        # The FlagGems graph mode decides compilation/eager unless the user set it.
+        kwargs.setdefault(key, value)
+    return kwargs
+
+
+def runtime_env_for(spec: DeploymentSpec) -> dict[str, Any]:
+    """The replica's runtime env; Ray hands it to every vLLM worker it spawns."""
+    env = copy.deepcopy(spec.runtime_env)
+    env_vars = dict(env.get("env_vars", {}))
+    env_vars.update(runtime_env_vars(spec.flaggems, spec.served_name))
+    env_vars.setdefault("FLEETSERVE_DEPLOYMENT", spec.served_name)
+    env["env_vars"] = env_vars
+    return env
+
+
+def llm_config_for(spec: DeploymentSpec) -> dict[str, Any]:
+    """One ``ray.serve.llm.LLMConfig`` (as a dict) for one model spec."""
+    config: dict[str, Any] = {
+        "model_loading_config": {"model_id": spec.served_name, "model_source": spec.model.source},
+        "engine_kwargs": engine_kwargs_for(spec),
+        "placement_group_config": replica_placement(
+            spec.tensor_parallel_size,
+            spec.pipeline_parallel_size,
+            accelerator=spec.accelerator,
+            cpus_per_worker=spec.cpus_per_worker,
+            strategy=None if spec.placement_strategy == "auto" else spec.placement_strategy,
+        ),
+        "deployment_config": {
+            **spec.replicas.deployment_config(),
+            "ray_actor_options": {"num_cpus": spec.replica_cpus},
+        },
+        "runtime_env": runtime_env_for(spec),
+        "server_cls": SERVER_CLS,
+        "log_engine_metrics": True,
+    }
+    if spec.accelerator_type:
+        config["accelerator_type"] = spec.accelerator_type
+    return config
+
+
+def _check_live_cluster(serving: ServingArgs) -> None:
+    """When the builder runs inside a Ray cluster, check TP x PP against its nodes."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    gpus = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    if not any(gpus):
+        return
+    problems = []
+    for spec in serving.models:
+        problems += check_world_size(spec, gpus, "Serve application args", "", "the running Ray cluster")
+    if problems:
+        raise ConfigErrors(problems)
+
+
+def build_app(args: dict[str, Any]):
+    """Ray Serve application builder (``import_path: cluster.serving.app:build_app``).
+
+    Composes the app from ray.serve.llm's public pieces (``build_llm_deployment``,
+    ``make_fastapi_ingress``) rather than ``build_openai_app``, because the latter
+    fixes the ingress routes and we add ``/health``.
+    """
+    serving = load_serving_args(args, source="Serve application args", key_prefix="args.")
+    _check_live_cluster(serving)
+    return compose_app(serving)
+
+
+def compose_app(serving: ServingArgs):
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from cluster.serving.ingress import FLEET_ENDPOINTS, FleetIngress
+
+    llm_configs = [LLMConfig(**llm_config_for(spec)) for spec in serving.models]
+    deployments = {c.model_id: build_llm_deployment(c) for c in llm_configs}
+    cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
+    limits = {
+        spec.served_name: {"max_images": spec.limit_mm_per_prompt.get("image"), "max_image_bytes": spec.max_image_bytes}
+        for spec in serving.models
+    }
+    ingress = make_fastapi_ingress(FleetIngress, endpoint_map=FLEET_ENDPOINTS)
+    options = FleetIngress.get_deployment_options(llm_configs)
+    options.pop("autoscaling_config", None)
+    options.update(
+        name="FleetIngress",
+        num_replicas=serving.ingress_replicas,
+        # The ingress only routes; on small hosts it must not wait for a whole CPU.
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=4096,
+    )
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments=deployments,
+        model_cards=cards,
+        input_limits=limits,
+        retry_attempts=serving.retry_attempts,
+        request_timeout_s=serving.request_timeout_s,
+    )

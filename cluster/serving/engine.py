@@ -1,0 +1,82 @@
+"""The vLLM replica: ``ray.serve.llm``'s LLMServer plus the FlagGems gate.
+
+``LLMServer`` already owns the vLLM engine (its placement group, the Ray
+executor for TP x PP, the OpenAI serving layer). What it cannot know about is
+the FlagGems switch: a deployment that asked for Triton kernels must fail on a
+host that cannot run them (CPU-only, no Triton) with a clear message, before
+minutes of model loading, and must say which kernels its workers patched. That
+is all this subclass adds -- plus publishing that report (and a join key for
+vLLM's series) as Ray metrics, see :mod:`cluster.serving.metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+from ray.serve.llm.deployment import LLMServer
+
+logger = logging.getLogger("ray.serve")
+
+#: How often a replica re-publishes its FlagGems gauges (reports change when
+#: workers start, die or record calls); Ray exports every few seconds anyway.
+METRICS_PERIOD_S = 10.0
+
+
+class FleetLLMServer(LLMServer):
+    """LLMServer with the FlagGems host check and a status method for /health."""
+
+    async def start(self) -> None:
+        from cluster.kernels import FlagGemsConfig, check_host_support, config_from_env
+
+        cfg = config_from_env(os.environ) or FlagGemsConfig()
+        # Raises a clear error (Serve marks the deployment DEPLOY_FAILED with it)
+        # unless the user asked to fall back to stock kernels.
+        check_host_support(cfg)
+        await super().start()
+        # Held on self: an unreferenced task may be garbage-collected mid-flight.
+        self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(cfg))
+
+    async def _publish_metrics(self, cfg: Any) -> None:
+        """Keep this replica's FlagGems gauges current; never lets the replica fail."""
+        from cluster.kernels import collect_reports
+        from cluster.serving.metrics import ReplicaMetrics, vllm_replica_id
+
+        deployment = os.environ.get("FLEETSERVE_DEPLOYMENT", "")
+        try:
+            metrics = ReplicaMetrics(deployment, vllm_replica_id(), os.environ.get("VLLM_HOST_IP") or _node_ip())
+        except Exception:
+            logger.exception("fleetserve: replica metrics unavailable")
+            return
+        while True:
+            try:
+                # Reads files and Ray's KV: off the event loop that streams tokens.
+                report = await asyncio.to_thread(collect_reports, deployment)
+                metrics.update(report, cfg.enabled, list(cfg.selected_ops()))
+            except Exception:
+                logger.warning("fleetserve: cannot publish FlagGems metrics", exc_info=True)
+            await asyncio.sleep(METRICS_PERIOD_S)
+
+    async def fleet_status(self) -> dict[str, Any]:
+        """Liveness plus where this replica runs and what its workers report."""
+        from cluster.kernels import collect_reports
+
+        await self.check_health()
+        deployment = os.environ.get("FLEETSERVE_DEPLOYMENT", "")
+        return {
+            "replica_host": socket.gethostname(),
+            "node_ip": os.environ.get("VLLM_HOST_IP") or _node_ip(),
+            "flaggems": collect_reports(deployment),
+        }
+
+
+def _node_ip() -> str:
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return ""

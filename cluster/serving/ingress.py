@@ -1,0 +1,296 @@
+"""OpenAI-compatible ingress: ``ray.serve.llm``'s router plus what it lacks.
+
+``OpenAiIngress`` (ray.serve.llm) already routes ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/models`` to the vLLM replicas and turns engine
+errors into OpenAI error bodies. This subclass adds only:
+
+* ``GET /health`` -- 200 when every model has a live replica, else 503, with
+  each replica's FlagGems kernel report (which ops run as Triton kernels).
+* Input checks that must not cost a replica anything: the image count against
+  ``limit_mm_per_prompt`` and ``data:`` images that do not decode are answered
+  400 here with the reason (vLLM would otherwise fail them deep in its
+  multimodal processor after the request was scheduled).
+* Retries of requests that failed before any byte reached the client (the
+  replica died or none could take it), then 503 with ``Retry-After`` rather
+  than a hang. A response that already started streaming is never replayed.
+* No hang when a model has no replica: Serve's router queues a request until
+  some replica exists (minutes, for a vLLM restart). The ingress watches the
+  replica states Serve's controller reports (one ``serve.status()`` a second)
+  and answers 503 + ``Retry-After`` at once when the model has no RUNNING
+  replica, or as soon as a queued request's model has no replica left at all;
+  every request is bounded by ``request_timeout_s`` (then 504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import time
+from typing import Any
+
+from fastapi import HTTPException, Request, status
+from fastapi.responses import JSONResponse, Response
+from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger("ray.serve")
+
+RETRY_AFTER_S = 5
+#: How often the ingress refreshes replica states from Serve's controller.
+REPLICA_POLL_S = 1.0
+
+
+def _error(code: int, message: str, err_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"object": "error", "message": message, "type": err_type, "code": code,
+            "error": {"message": message, "type": err_type, "code": code}}
+    return JSONResponse(status_code=code, content=body, headers=headers)
+
+
+class InputRejected(Exception):
+    """A request that breaks a documented input limit; becomes a 4xx."""
+
+    def __init__(self, code: int, message: str, err_type: str = "BadRequestError"):
+        super().__init__(message)
+        self.code, self.message, self.err_type = code, message, err_type
+
+
+def _image_parts(body: Any) -> list[str]:
+    """The URLs of every image part in a chat request, in order."""
+    urls: list[str] = []
+    for message in body.messages or []:
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            part = part if isinstance(part, dict) else getattr(part, "model_dump", lambda: {})()
+            if part.get("type") == "image_url":
+                image = part.get("image_url") or {}
+                urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
+            elif part.get("type") in ("image_pil", "image_embeds"):
+                urls.append("")
+    return urls
+
+
+def check_images(urls: list[str], max_images: int | None, max_bytes: int, model: str) -> None:
+    """Reject what no replica could serve: too many images, undecodable data URLs."""
+    if max_images is not None and len(urls) > max_images:
+        raise InputRejected(
+            400,
+            f"too many images: the request has {len(urls)} and model {model!r} accepts at most "
+            f"{max_images} per prompt (limit_mm_per_prompt.image)",
+        )
+    for i, url in enumerate(urls):
+        if not url.startswith("data:"):
+            if url and not url.startswith(("http://", "https://", "file:")):
+                raise InputRejected(400, f"image {i}: unsupported URL scheme in {url[:40]!r}; use http(s):// or data:")
+            continue
+        header, sep, payload = url.partition(",")
+        if not sep or ";base64" not in header or not header[5:].startswith("image/"):
+            raise InputRejected(400, f"image {i}: a data URL must look like data:image/<type>;base64,<data>")
+        if len(payload) * 3 // 4 > max_bytes:
+            raise InputRejected(413, f"image {i}: larger than the {max_bytes} byte limit", "RequestTooLarge")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+            from PIL import Image
+
+            with Image.open(io.BytesIO(raw)) as img:
+                img.verify()
+        except (binascii.Error, ValueError) as exc:
+            raise InputRejected(400, f"image {i}: the data URL is not valid base64 ({exc})") from None
+        except Exception as exc:  # PIL raises many types for bad images
+            raise InputRejected(400, f"image {i}: cannot decode the image ({type(exc).__name__}: {exc})") from None
+
+
+def _media_error(exc: BaseException) -> str | None:
+    """The reason when a replica failed a request on its image input (a client error, not a 500).
+
+    vLLM fetches http(s) images inside the replica; a refused connection, a 404
+    or bytes that are no image surface here as the replica's exception type
+    (Ray's task errors are instances of their cause).
+    """
+    import aiohttp
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, aiohttp.ClientError):
+        return f"an image URL could not be fetched: {type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "an image could not be decoded: the fetched bytes are no supported image format"
+    return None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """Failures that happen before a replica produced anything: safe to resend."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return isinstance(
+        exc, (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)
+    )
+
+
+class _NoReplica(Exception):
+    """The model has no replica that could be serving a queued request."""
+
+
+class _Timeout(Exception):
+    """request_timeout_s passed before the first byte."""
+
+
+class FleetIngress(OpenAiIngress):
+    """The fleetserve ingress deployment (see module docstring)."""
+
+    def __init__(
+        self,
+        llm_deployments: dict[str, Any],
+        model_cards: dict[str, Any],
+        *,
+        lora_paths: dict[str, str] | None = None,
+        input_limits: dict[str, dict[str, Any]] | None = None,
+        retry_attempts: int = 2,
+        request_timeout_s: float = 600.0,
+        **kwargs: Any,
+    ):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
+        self._input_limits = input_limits or {}
+        self._retry_attempts = retry_attempts
+        self._request_timeout_s = request_timeout_s
+        self.counters = {"requests": 0, "retried": 0, "rejected": 0, "unavailable": 0, "timed_out": 0}
+        # "app/deployment" -> {replica state: count}; empty until the first poll.
+        self._replica_states: dict[str, dict[str, int]] = {}
+        self._watcher: asyncio.Task | None = None
+
+    # -- replica availability ------------------------------------------------------
+    async def _watch_replicas(self) -> None:
+        from ray import serve
+
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                states: dict[str, dict[str, int]] = {}
+                for app_name, app in status.applications.items():
+                    for name, dep in app.deployments.items():
+                        states[f"{app_name}/{name}"] = {
+                            str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
+                self._replica_states = states
+            except Exception:  # controller briefly unreachable: keep the last view
+                logger.debug("replica status poll failed", exc_info=True)
+            await asyncio.sleep(REPLICA_POLL_S)
+
+    def _replicas(self, model_id: str | None, *states: str) -> int | None:
+        """Replicas of the model's deployment in ``states``; None when unknown (never fail on doubt)."""
+        handle = self._default_serve_handles.get(model_id or "")
+        if handle is None:
+            return None
+        dep = self._replica_states.get(f"{handle.app_name}/{handle.deployment_name}")
+        if dep is None:
+            return None
+        return sum(dep.get(s, 0) for s in states)
+
+    async def _bounded(self, call, body: Any, request: Request, model_id: str | None, deadline: float) -> Response:
+        """Await ``call`` until it answers, the deadline passes, or no replica could be serving it."""
+        task = asyncio.ensure_future(call(body, request))
+        try:
+            while True:
+                wait_s = max(0.0, min(REPLICA_POLL_S, deadline - time.monotonic()))
+                done, _ = await asyncio.wait({task}, timeout=wait_s)
+                if done:
+                    return task.result()
+                if time.monotonic() >= deadline:
+                    raise _Timeout()
+                # No replica running or draining: the request can only be queued in the router.
+                if self._replicas(model_id, "RUNNING", "STOPPING") == 0:
+                    raise _NoReplica()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    # -- validation -----------------------------------------------------------------
+    async def _check_chat(self, body: Any) -> None:
+        model = await self._get_model_id(body.model)
+        limits = self._input_limits.get(model, {})
+        urls = _image_parts(body)
+        if urls:
+            # Decoding is CPU work: keep it off the event loop that serves other requests.
+            await asyncio.to_thread(
+                check_images, urls, limits.get("max_images"), limits.get("max_image_bytes", 20 << 20), model
+            )
+
+    # -- routing with retries ------------------------------------------------------------
+    def _unavailable(self, why: str) -> Response:
+        self.counters["unavailable"] += 1
+        return _error(503, f"no replica of the model could take the request ({why}); retry shortly",
+                      "ServiceUnavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def _serve(self, call, body: Any, request: Request) -> Response:
+        self.counters["requests"] += 1
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
+        deadline = time.monotonic() + self._request_timeout_s
+        model_id = getattr(body, "model", None)
+        attempt = 0
+        while True:
+            if self._replicas(model_id, "RUNNING") == 0:
+                # Starting a vLLM replica takes minutes: waiting here would be the hang.
+                return self._unavailable("no running replica")
+            try:
+                return await self._bounded(call, body, request, model_id, deadline)
+            except HTTPException:
+                raise
+            except _NoReplica:
+                return self._unavailable("the model lost its last replica")
+            except _Timeout:
+                self.counters["timed_out"] += 1
+                return _error(504, f"no answer within request_timeout_s={self._request_timeout_s:g}",
+                              "GatewayTimeout")
+            except Exception as exc:
+                media = _media_error(exc)
+                if media is not None:
+                    self.counters["rejected"] += 1
+                    return _error(400, media, "BadRequestError")
+                if not _is_retryable(exc):
+                    raise
+                attempt += 1
+                if attempt > self._retry_attempts or time.monotonic() > deadline:
+                    return self._unavailable(type(exc).__name__)
+                self.counters["retried"] += 1
+                logger.warning("retrying request after %s (attempt %d)", type(exc).__name__, attempt)
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:  # type: ignore[override]
+        try:
+            await self._check_chat(body)
+        except InputRejected as rej:
+            self.counters["rejected"] += 1
+            return _error(rej.code, rej.message, rej.err_type)
+        return await self._serve(super().chat, body, request)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:  # type: ignore[override]
+        return await self._serve(super().completions, body, request)
+
+    # -- health -----------------------------------------------------------------------
+    async def health(self) -> Response:
+        """200 if every model answers its health check, else 503; with kernel reports."""
+        models: dict[str, Any] = {}
+        healthy = True
+        for model_id, handle in self._default_serve_handles.items():
+            try:
+                info = await asyncio.wait_for(handle.fleet_status.remote(), timeout=10)
+                models[model_id] = {"healthy": True, **info}
+            except Exception as exc:
+                healthy = False
+                models[model_id] = {"healthy": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        content = {"status": "ok" if healthy else "unavailable", "models": models, "ingress": self.counters}
+        headers = None if healthy else {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse(status_code=200 if healthy else 503, content=content, headers=headers)
+
+
+FLEET_ENDPOINTS = {
+    "models": lambda app: app.get("/v1/models"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}"),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
+    "health": lambda app: app.get("/health"),
+}

@@ -1,0 +1,422 @@
+"""Deployment spec: the typed, validated ``args:`` of a Ray Serve config file.
+
+A user writes ``deployments/<name>.yaml`` (a plain Ray Serve config); each
+application's ``args:`` is one :class:`DeploymentSpec` (or ``models:``, a list
+of them served behind one OpenAI endpoint). The spec is the single source the
+app builder turns into ``ray.serve.llm`` objects, so every check a user can get
+wrong -- parallelism vs. host GPUs, engine-arg names, multimodal limits -- lives
+here and reports the file, the key and the fix.
+
+String values may use ``${VAR}`` / ``${VAR:-default}`` so one file can point at
+a model path or switch to dummy weights from the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cluster.errors import ConfigError, ConfigErrors, pydantic_errors
+from cluster.kernels.config import FlagGemsConfig
+
+# Engine args the spec owns at top level: setting them under engine_args would
+# let the two disagree, so they are refused there with a pointer to the key.
+SPEC_OWNED_ENGINE_ARGS = {
+    "model": "model.source",
+    "served_model_name": "model.served_name",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "pipeline_parallel_size": "pipeline_parallel_size",
+    "limit_mm_per_prompt": "limit_mm_per_prompt",
+    "load_format": "model.load_format",
+    "distributed_executor_backend": "(chosen by fleetserve: Ray for TP x PP > 1)",
+}
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, environ: dict[str, str] | None = None) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise KeyError(name)
+
+        full = _ENV_REF.fullmatch(value)
+        out = _ENV_REF.sub(sub, value)
+        # A whole-value reference like "${DUMMY:-false}" becomes a YAML scalar
+        # again so booleans and numbers keep their type.
+        return yaml.safe_load(out) if full and out.strip() else out
+    if isinstance(value, dict):
+        return {k: expand_env(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, env) for v in value]
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSource(_Strict):
+    """Where the weights, config and tokenizer come from."""
+
+    source: str = Field(description="Local model directory (or a path on every host).")
+    served_name: str | None = Field(default=None, description="Name clients use in `model`; default: directory name.")
+    load_format: Literal["auto", "safetensors", "pt", "dummy"] = Field(
+        default="auto", description="`dummy` runs the real architecture with random weights (dry runs, benchmarks)."
+    )
+    tokenizer: str | None = None
+
+    @field_validator("source", "tokenizer")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        # Replicas run in Ray's working dirs, so "~" must be resolved here.
+        return os.path.expanduser(value) if value else value
+
+    @property
+    def name(self) -> str:
+        return self.served_name or Path(self.source.rstrip("/")).name
+
+
+class Autoscaling(_Strict):
+    """Serve autoscaling for the vLLM replicas of one model."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas}); "
+                "set max_replicas >= min_replicas"
+            )
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class Replicas(_Strict):
+    """Either a fixed replica count or an autoscaling block."""
+
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Replicas:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either num_replicas or autoscaling, not both")
+        return self
+
+    def deployment_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling is not None:
+            a = self.autoscaling
+            auto: dict[str, Any] = {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+            }
+            if a.initial_replicas is not None:
+                auto["initial_replicas"] = a.initial_replicas
+            cfg["autoscaling_config"] = auto
+        else:
+            cfg["num_replicas"] = self.num_replicas or 1
+        return cfg
+
+
+def parse_mm_limits(value: Any) -> dict[str, int]:
+    """Accept ``{image: 18}`` or the seeds' ``"image=18,video=1"`` form."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        out: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, num = part.partition("=")
+            if not sep or not key.strip() or not num.strip().isdigit():
+                raise ValueError(
+                    f"cannot read {part!r}; write limits as `image=18,video=1` or as a mapping {{image: 18}}"
+                )
+            out[key.strip()] = int(num)
+        value = out
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping like {image: 18} or a string like `image=18`")
+    limits: dict[str, int] = {}
+    for key, num in value.items():
+        if key not in ("image", "video", "audio"):
+            raise ValueError(f"unknown modality {key!r}; use image, video or audio")
+        if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+            raise ValueError(f"limit for {key!r} must be a non-negative integer, got {num!r}")
+        limits[key] = num
+    return limits
+
+
+@functools.lru_cache(maxsize=1)
+def vllm_engine_arg_names() -> frozenset[str]:
+    """Names vLLM's AsyncEngineArgs accepts (imported lazily: vLLM is heavy)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+class DeploymentSpec(_Strict):
+    """One model served by vLLM replicas under Ray Serve."""
+
+    model: ModelSource
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    accelerator: Literal["GPU", "CPU"] = "GPU"
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator type, e.g. H100.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs Ray reserves per vLLM worker.")
+    replica_cpus: float = Field(default=1.0, gt=0, description="Logical CPUs for the replica actor itself.")
+    placement_strategy: Literal["auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "auto"
+    replicas: Replicas = Field(default_factory=Replicas)
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=dict)
+    max_images_per_request: int | None = Field(default=None, description="Derived from limit_mm_per_prompt.image.")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    flaggems: FlagGemsConfig = Field(default_factory=FlagGemsConfig)
+    hostfile: str | None = Field(default=None, description="Check TP x PP against this hostfile's slots.")
+
+    @field_validator("limit_mm_per_prompt", mode="before")
+    @classmethod
+    def _mm(cls, value: Any) -> dict[str, int]:
+        return parse_mm_limits(value)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas_shorthand(cls, value: Any) -> Any:
+        return {"num_replicas": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in SPEC_OWNED_ENGINE_ARGS:
+                raise ValueError(
+                    f"`{key}` is set by the spec, not under engine_args; use `{SPEC_OWNED_ENGINE_ARGS[key]}` instead"
+                )
+        known = vllm_engine_arg_names()
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"`{k}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            raise ValueError(
+                "unknown vLLM engine arg " + ", ".join(hints) + "; see `vllm serve --help` for vLLM 0.26's names"
+            )
+        return value
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _runtime_env(cls, value: dict[str, Any]) -> dict[str, Any]:
+        env_vars = value.get("env_vars", {})
+        if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+            raise ValueError("runtime_env.env_vars must map names to strings (quote numbers: \"1\")")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def served_name(self) -> str:
+        return self.model.name
+
+
+class ServingArgs(_Strict):
+    """The ``args:`` of one Serve application: one model, or several behind one endpoint."""
+
+    models: list[DeploymentSpec] = Field(min_length=1)
+    ingress_replicas: int = Field(default=1, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    retry_attempts: int = Field(default=2, ge=0, description="Retries of a request that no replica could start.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServingArgs:
+        seen: set[str] = set()
+        for spec in self.models:
+            if spec.served_name in seen:
+                raise ValueError(f"two models are served as {spec.served_name!r}; give each a distinct model.served_name")
+            seen.add(spec.served_name)
+        return self
+
+
+_SERVING_KEYS = {"ingress_replicas", "request_timeout_s", "retry_attempts"}
+
+
+def load_serving_args(args: dict[str, Any], source: str | Path | None = None, key_prefix: str = "args.") -> ServingArgs:
+    """Validate a Serve application's ``args`` into :class:`ServingArgs`.
+
+    A single-model ``args`` (the common case) is the spec itself; ``models:``
+    holds several. Every problem is reported with its file and dotted key.
+    """
+    if not isinstance(args, dict):
+        raise ConfigError(source, key_prefix.rstrip("."), "must be a mapping", "write the deployment spec under args:")
+    try:
+        args = expand_env(args)
+    except KeyError as exc:
+        raise ConfigError(
+            source, key_prefix.rstrip("."), f"environment variable {exc.args[0]} is not set",
+            f"export {exc.args[0]}=... or give a default: ${{{exc.args[0]}:-value}}",
+        ) from None
+    if "models" in args:
+        data = dict(args)
+    else:
+        data = {k: v for k, v in args.items() if k in _SERVING_KEYS}
+        data["models"] = [{k: v for k, v in args.items() if k not in _SERVING_KEYS}]
+        key_prefix_models = key_prefix
+    try:
+        serving = ServingArgs.model_validate(data)
+    except ValidationError as exc:
+        errs = pydantic_errors(source, exc, prefix=key_prefix, fixes=_FIXES)
+        if "models" not in args:
+            # Errors for a single-model args point at args.<key>, not args.models.0.<key>.
+            for e in errs.errors:
+                if e.location and e.location.startswith(f"{key_prefix}models.0."):
+                    e.location = key_prefix_models + e.location[len(f"{key_prefix}models.0."):]
+            errs = ConfigErrors(errs.errors)
+        raise errs from None
+    problems = []
+    for i, spec in enumerate(serving.models):
+        prefix = key_prefix if "models" not in args else f"{key_prefix}models.{i}."
+        problems += _check_against_hostfile(spec, source, prefix)
+        problems += _check_accelerator(spec, source, prefix)
+    if problems:
+        raise ConfigErrors(problems)
+    return serving
+
+
+_FIXES = {
+    "models.0.model": "set model: /path/to/model (or model: {source: ..., served_name: ...})",
+}
+
+
+def _check_accelerator(spec: DeploymentSpec, source: Any, prefix: str) -> list[ConfigError]:
+    out = []
+    if spec.accelerator == "CPU" and spec.flaggems.enabled and not spec.flaggems.fallback_to_stock:
+        out.append(ConfigError(
+            source, f"{prefix}flaggems.enabled",
+            "FlagGems kernels are Triton GPU kernels and cannot run on accelerator: CPU",
+            "set flaggems.enabled: false, or accelerator: GPU",
+        ))
+    return out
+
+
+def _check_against_hostfile(spec: DeploymentSpec, source: Any, prefix: str) -> list[ConfigError]:
+    if not spec.hostfile:
+        return []
+    from cluster.hosts import load_hostfile
+
+    path = Path(spec.hostfile)
+    if not path.is_absolute() and source is not None:
+        path = Path(source).parent.parent / path if not path.exists() else path
+    hosts = load_hostfile(path)
+    return check_world_size(spec, [h.slots for h in hosts.hosts], source, prefix, f"hostfile {path}")
+
+
+def check_world_size(
+    spec: DeploymentSpec, gpus_per_node: list[int], source: Any, prefix: str, where: str
+) -> list[ConfigError]:
+    """TP must fit in one node; TP x PP must fit in the nodes (one PP stage per node at most)."""
+    if spec.accelerator != "GPU" or not gpus_per_node:
+        return []
+    largest = max(gpus_per_node)
+    tp, pp = spec.tensor_parallel_size, spec.pipeline_parallel_size
+    if tp > largest:
+        return [ConfigError(
+            source, f"{prefix}tensor_parallel_size",
+            f"tensor_parallel_size={tp} is larger than any host's GPUs (largest: {largest} in {where}); "
+            "tensor parallelism stays inside one host",
+            f"use tensor_parallel_size <= {largest} and raise pipeline_parallel_size to span hosts",
+        )]
+    stages_fit = sum(n // tp for n in gpus_per_node)
+    if pp > stages_fit:
+        return [ConfigError(
+            source, f"{prefix}pipeline_parallel_size",
+            f"TP x PP = {tp} x {pp} needs {pp} hosts with {tp} free GPUs each; {where} has room for {stages_fit} such stages",
+            "lower pipeline_parallel_size or add hosts",
+        )]
+    return []
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    """Read a Ray Serve config file and validate each application's args.
+
+    Returns the parsed YAML, with each application's validated
+    :class:`ServingArgs` under ``"_fleetserve"`` keyed by application name.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found", "check the path") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f"line {mark.line + 1}" if mark else None
+        raise ConfigError(path, loc, f"not valid YAML: {getattr(exc, 'problem', exc)}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("applications"), list):
+        raise ConfigError(path, "applications", "a Serve config needs an `applications:` list",
+                          "see deployments/tiny.yaml for the layout")
+    validated: dict[str, ServingArgs] = {}
+    errors: list[ConfigError] = []
+    for i, app in enumerate(raw["applications"]):
+        name = app.get("name", f"app{i}") if isinstance(app, dict) else f"app{i}"
+        if not isinstance(app, dict) or "import_path" not in app:
+            errors.append(ConfigError(path, f"applications.{i}", "each application needs import_path",
+                                      "import_path: cluster.serving.app:build_app"))
+            continue
+        if not str(app["import_path"]).startswith("cluster.serving"):
+            continue  # not a fleetserve app: Serve validates it itself
+        try:
+            validated[name] = load_serving_args(app.get("args") or {}, path, key_prefix=f"applications.{i}.args.")
+        except ConfigErrors as exc:
+            errors += exc.errors
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        raise ConfigErrors(errors)
+    raw["_fleetserve"] = validated
+    return raw

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite needs, then runs it (CPU only; GPU tests
+# are marked `gpu` and run on GPU hosts with `pytest -m gpu`).
+#   bash scripts/test.sh               # whole CPU suite (as root: emulated hosts too)
+#   bash scripts/test.sh -m "not slow" # fast unit tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-cpu.sh
+# Emulated SSH hosts (network + PID namespaces, sshd) need root and a few packages.
+if [ "$(id -u)" = 0 ] && [ -f scripts/setup-host-emulation.sh ]; then
+  bash scripts/setup-host-emulation.sh
+fi
+export PYTHONUNBUFFERED=1
+exec .venv/bin/python -m pytest -m "not gpu" "$@"

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random-weight model made locally, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+MODEL_CACHE = Path(os.environ.get("FLEETSERVE_TEST_MODELS", Path.home() / ".cache/fleetserve/test-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """Tiny Qwen2.5-VL (real architecture, random weights), made once per machine."""
+    from cluster.modelgen import make_model
+
+    out = MODEL_CACHE / "tiny-qwen2_5_vl"
+    if not (out / "config.json").exists() or not any(out.glob("*.safetensors")):
+        make_model("qwen2_5_vl", "tiny", out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh single-node Ray cluster for one test module.
+
+    Ray gets more logical CPUs than the machine has cores: on 2 cores the vLLM
+    replica bundles would otherwise leave no room for Serve's ingress.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

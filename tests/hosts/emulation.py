@@ -1,0 +1,330 @@
+"""Real SSH hosts emulated on one machine (root only), for fleetserve's cluster tests.
+
+Each host is a network namespace ``fs-hN`` on a private bridge (``fsbr0``,
+10.203.0.0/24) running its own ``sshd``, inside its own PID namespace with a
+private tmpfs on ``/run`` and ``/dev/shm``:
+
+* the PID namespace is why ``ray stop`` on one host stops only that host's Ray
+  (and why killing the namespace's init tears the whole host down at once);
+* ``/run`` is private so sshd has its ``/run/sshd`` and Ray's ``--temp-dir``
+  (``/run/fleetserve-ray``) never collides between hosts;
+* ``/dev/shm`` is private so the preflight's shm check sees a per-host size.
+
+The hosts share this machine's filesystem, so they all run the same venv.
+Written by hand because no library does netns + sshd + PID namespaces; it
+drives the standard tools (``ip``, ``unshare``, ``sshd``, ``ssh-keygen``).
+
+Also a small CLI for manual use and the benchmark::
+
+    python tests/hosts/emulation.py start 3     # prints the hostfile path
+    python tests/hosts/emulation.py stop
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BRIDGE = "fsbr0"
+SUBNET = "10.203.0"  # /24; .1 is the bridge (this machine), host N is .(10+N)
+NS_PREFIX = "fs-h"
+DEFAULT_WORKDIR = Path("/tmp/fleetserve-hosts")
+VENV = Path(sys.executable).parent
+
+
+def missing_requirements() -> str | None:
+    """Why emulation cannot run here (None when it can)."""
+    if os.geteuid() != 0:
+        return "emulated hosts need root (network/PID namespaces, sshd)"
+    for tool in ("ip", "unshare", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"{tool!r} not found (run scripts/setup-host-emulation.sh)"
+    if not Path("/usr/sbin/sshd").exists():
+        return "/usr/sbin/sshd not found (run scripts/setup-host-emulation.sh: openssh-server)"
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"unshare --pid not permitted here: {probe.stderr.strip()}"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"'ip netns' not available: {probe.stderr.strip()}"
+    return None
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass
+class EmulatedHost:
+    index: int
+    ip: str
+    netns: str
+    veth: str
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.netns
+
+    def host_key_line(self) -> str:
+        pub = (self.dir / "ssh_host_ed25519_key.pub").read_text().split()
+        return f"{self.ip} {pub[0]} {pub[1]}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def pids(self) -> list[int]:
+        """Host PIDs of every process in this host's PID namespace."""
+        if not self.alive():
+            return []
+        try:
+            target = os.readlink(f"/proc/{self._init_pid()}/ns/pid")
+        except (OSError, RuntimeError):
+            return []
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.readlink(entry / "ns/pid") == target:
+                        out.append(int(entry.name))
+                except OSError:
+                    continue
+        return out
+
+    def _init_pid(self) -> int:
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        if not children:
+            raise RuntimeError("namespace init not started")
+        return int(children[0])
+
+    def process_names(self) -> list[str]:
+        names = []
+        for pid in self.pids():
+            try:
+                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:
+                continue
+        return names
+
+
+class HostEmulator:
+    """Creates and destroys emulated hosts; safe to tear down after partial setup."""
+
+    def __init__(self, workdir: Path = DEFAULT_WORKDIR, bridge: str = BRIDGE, subnet: str = SUBNET):
+        self.workdir = Path(workdir)
+        self.bridge = bridge
+        self.subnet = subnet
+        self.hosts: dict[int, EmulatedHost] = {}
+        self.client_key = self.workdir / "id_ed25519"
+        self.known_hosts = self.workdir / "known_hosts"
+        self.authorized_keys = self.workdir / "authorized_keys"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.client_key.exists():
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleetserve-tests", "-f", str(self.client_key))
+        shutil.copy(f"{self.client_key}.pub", self.authorized_keys)
+        if _run("ip", "link", "show", self.bridge, check=False).returncode != 0:
+            _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "addr", "replace", f"{self.subnet}.1/24", "dev", self.bridge)
+        _run("ip", "link", "set", self.bridge, "up")
+
+    def add_host(self, index: int, env: dict[str, str] | None = None, shm_size: str = "2g") -> EmulatedHost:
+        """Start host ``fs-h<index>`` at ``<subnet>.<10+index>`` with its own sshd."""
+        netns, veth, ip = f"{NS_PREFIX}{index}", f"fsv{index}", f"{self.subnet}.{10 + index}"
+        host = EmulatedHost(index, ip, netns, veth, self.workdir / netns, env=dict(env or {}))
+        self.hosts[index] = host
+        self._cleanup_host_leftovers(host)
+        host.dir.mkdir(parents=True, exist_ok=True)
+        key = host.dir / "ssh_host_ed25519_key"
+        if not key.exists():
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+        _run("ip", "netns", "add", netns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        _run("ip", "link", "set", veth, "master", self.bridge)
+        _run("ip", "link", "set", veth, "up")
+        _run("ip", "-n", netns, "link", "set", "lo", "up")
+        _run("ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        _run("ip", "-n", netns, "link", "set", "eth0", "up")
+        _run("ip", "-n", netns, "route", "add", "default", "via", f"{self.subnet}.1")
+        setenv = " ".join(f'{k}="{v}"' for k, v in host.env.items())
+        (host.dir / "sshd_config").write_text(
+            "\n".join(
+                [
+                    "Port 22",
+                    f"ListenAddress {ip}",
+                    f"HostKey {key}",
+                    "PidFile /run/sshd.pid",
+                    f"AuthorizedKeysFile {self.authorized_keys}",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",  # the keys live under /tmp
+                    "MaxStartups 64",
+                    "MaxSessions 64",
+                    "LogLevel ERROR",
+                    *( [f"SetEnv {setenv}"] if setenv else [] ),
+                    "",
+                ]
+            )
+        )
+        # PID 1 of the host is sshd itself: it reaps orphans (Ray's daemons), and
+        # killing it (or unshare, via --kill-child) takes the whole host down.
+        script = (
+            f"mount -t tmpfs -o size=256m,mode=755 tmpfs /run && mkdir -p /run/sshd && "
+            f"mount -t tmpfs -o size={shm_size},mode=1777 tmpfs /dev/shm && "
+            f"exec /usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}"
+        )
+        log = open(host.dir / "sshd.log", "wb")
+        host.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+             "sh", "-c", script],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._wait_for_ssh(host)
+        self.write_known_hosts()
+        return host
+
+    def _wait_for_ssh(self, host: EmulatedHost, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not host.alive():
+                raise RuntimeError(f"sshd for {host.name} exited: {(host.dir / 'sshd.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection((host.ip, 22), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"sshd for {host.name} not reachable at {host.ip}:22 after {timeout}s")
+
+    def write_known_hosts(self) -> None:
+        self.known_hosts.write_text("".join(h.host_key_line() + "\n" for h in self.hosts.values()))
+
+    def hostfile(self, indices: list[int] | None = None, slots: int = 2, extra_hosts: list[str] = (),
+                 settings: dict[str, str] | None = None, path: Path | None = None) -> Path:
+        """Write a hostfile for (some of) the hosts; returns its path."""
+        chosen = [self.hosts[i] for i in (indices if indices is not None else sorted(self.hosts))]
+        lines = [f"# emulated hosts ({self.bridge}, {self.subnet}.0/24); written by tests/hosts/emulation.py"]
+        lines += [f"{h.ip} slots={slots} type=EMU" for h in chosen]
+        lines += list(extra_hosts)
+        lines += ["", "[cluster]"]
+        merged = default_settings(self)
+        merged.update(settings or {})
+        lines += [f"{k} = {v}" for k, v in merged.items()]
+        path = path or self.workdir / "hostfile"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    # --------------------------------------------------------------- teardown
+    def remove_host(self, index: int) -> None:
+        host = self.hosts.pop(index, None)
+        if host is not None:
+            self._cleanup_host_leftovers(host)
+
+    def _cleanup_host_leftovers(self, host: EmulatedHost) -> None:
+        if host.proc is not None and host.proc.poll() is None:
+            try:
+                init = host._init_pid()
+                os.kill(init, signal.SIGKILL)  # the kernel then kills everything in the PID namespace
+            except (OSError, RuntimeError):
+                pass
+            host.proc.kill()
+            try:
+                host.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            # A previous run that crashed: its namespace init is still running sshd -f <our config>.
+            cfg = str(host.dir / "sshd_config")
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if cmd[:1] == [b"/usr/sbin/sshd"] and cfg.encode() in cmd:
+                        try:
+                            os.kill(int(entry.name), signal.SIGKILL)
+                        except OSError:
+                            pass
+        _run("ip", "link", "del", host.veth, check=False)
+        _run("ip", "netns", "del", host.netns, check=False)
+
+    def teardown(self) -> None:
+        for index in list(self.hosts):
+            self.remove_host(index)
+        _run("ip", "link", "del", self.bridge, check=False)
+
+
+def default_settings(emu: HostEmulator) -> dict[str, str]:
+    """``[cluster]`` settings for emulated hosts: the venv's python/ray, small logical nodes."""
+    return {
+        "name": "emulated",
+        "ssh.user": "root",
+        "ssh.key": str(emu.client_key),
+        "ssh.known_hosts": str(emu.known_hosts),
+        "ssh.connect_timeout": "5",
+        "ssh.use_agent": "false",
+        "ray.python": str(VENV / "python"),
+        "ray.ray": str(VENV / "ray"),
+        "ray.temp_dir": "/run/fleetserve-ray",
+        "ray.num_cpus": "4",
+        "ray.object_store_memory": str(100 * 1024 * 1024),
+        "ray.min_shm_bytes": str(512 * 1024 * 1024),
+        "ray.join_timeout": "60",
+        "env.RAY_DEDUP_LOGS": "0",
+        # Ray's dashboard gives each module 30 s to start; a loaded 2-core CI box needs longer.
+        "env.RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "240",
+    }
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    start = sub.add_parser("start")
+    start.add_argument("n", type=int)
+    start.add_argument("--slots", type=int, default=2)
+    sub.add_parser("stop")
+    args = parser.parse_args(argv)
+    emu = HostEmulator()
+    state = emu.workdir / "hosts.json"
+    if args.cmd == "start":
+        why = missing_requirements()
+        if why:
+            print(why, file=sys.stderr)
+            return 2
+        emu.setup()
+        for i in range(1, args.n + 1):
+            # Detach: the namespaces must outlive this CLI process.
+            emu.add_host(i)
+        state.write_text(json.dumps({i: h.ip for i, h in emu.hosts.items()}))
+        print(emu.hostfile(slots=args.slots))
+        return 0
+    indices = json.loads(state.read_text()) if state.exists() else {}
+    for i in indices:
+        emu.hosts[int(i)] = EmulatedHost(int(i), indices[i], f"{NS_PREFIX}{i}", f"fsv{i}", emu.workdir / f"{NS_PREFIX}{i}")
+    emu.teardown()
+    state.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,41 @@
+"""pytest fixtures for emulated hosts (import them into a test module to use them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .emulation import HostEmulator, missing_requirements
+
+WORKDIR = Path("/tmp/fleetserve-hosts-test")
+
+
+def require_emulation() -> None:
+    """Skip (with the reason) where hosts cannot be emulated: not root, no unshare/ip netns/sshd."""
+    why = missing_requirements()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def host_emulator() -> Iterator[HostEmulator]:
+    """A bridge + client key; tests add hosts with ``add_host(i)``. Everything is removed at the end:
+    every host's PID namespace is killed (so every process started in it dies), then veths, netns, bridge."""
+    require_emulation()
+    emu = HostEmulator(WORKDIR)
+    try:
+        emu.teardown()  # leftovers of a crashed earlier run
+        emu.setup()
+        yield emu
+    finally:
+        emu.teardown()
+
+
+@pytest.fixture(scope="module")
+def three_hosts(host_emulator: HostEmulator) -> HostEmulator:
+    """Hosts fs-h1..fs-h3 (10.203.0.11-13), sshd running, keys in known_hosts."""
+    for i in (1, 2, 3):
+        host_emulator.add_host(i)
+    return host_emulator

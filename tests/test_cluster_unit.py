@@ -1,0 +1,171 @@
+"""Unit tests for placement, Ray/docker command lines and the preflight rules (no hosts needed)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from cluster.hosts import parse_hostfile_text
+from cluster.raycluster import Probe, RayCluster, node_env, parse_size
+from cluster.serving.placement import PlacementError, check_stage_locality, replica_placement, worker_layout
+from cluster.ssh import known_hosts_name
+
+# ---------------------------------------------------------------------- placement
+
+
+def test_pp1_is_strict_pack_one_bundle_per_worker() -> None:
+    pg = replica_placement(8, 1)
+    assert pg["strategy"] == "STRICT_PACK"
+    assert pg["bundles"] == [{"GPU": 1, "CPU": 1.0}] * 8
+
+
+def test_pp_gt1_is_pack_and_world_sized() -> None:
+    pg = replica_placement(2, 2, cpus_per_worker=0.5)
+    assert pg["strategy"] == "PACK" and len(pg["bundles"]) == 4
+    assert all(b == {"GPU": 1, "CPU": 0.5} for b in pg["bundles"])
+    assert replica_placement(2, 2, strategy="SPREAD")["strategy"] == "SPREAD"
+    assert replica_placement(1, 2, accelerator="CPU")["bundles"] == [{"CPU": 1.0}] * 2
+
+
+def test_placement_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        replica_placement(0, 1)
+    with pytest.raises(ValueError):
+        replica_placement(1, 1, strategy="BEST")
+
+
+def test_placement_config_is_valid_for_ray_serve_llm() -> None:
+    from ray.llm._internal.common.placement import PlacementGroupConfig
+
+    for tp, pp in ((1, 1), (8, 1), (2, 2), (4, 3)):
+        cfg = PlacementGroupConfig(**replica_placement(tp, pp))
+        assert len(cfg.bundles) == tp * pp
+
+
+BUNDLES = [{"GPU": 1.0, "CPU": 1.0}] * 4
+
+
+def test_stage_locality_two_nodes() -> None:
+    stages = check_stage_locality(BUNDLES, {0: "nA", 1: "nA", 2: "nB", 3: "nB"}, 2, 2, driver_node="nA")
+    assert stages == [{"nA"}, {"nB"}]
+
+
+def test_stage_locality_driver_node_first_like_vllm() -> None:
+    # bundles interleaved across nodes: vLLM groups workers by node, driver's first
+    layout = worker_layout(BUNDLES, ["nB", "nA", "nB", "nA"], driver_node="nB")
+    assert layout == [(0, "nB"), (2, "nB"), (1, "nA"), (3, "nA")]
+    assert check_stage_locality(BUNDLES, ["nB", "nA", "nB", "nA"], 2, 2, driver_node="nB") == [{"nB"}, {"nA"}]
+
+
+def test_stage_split_across_nodes_is_named() -> None:
+    with pytest.raises(PlacementError) as err:
+        check_stage_locality(BUNDLES, ["nA", "nA", "nA", "nB"], 2, 2, driver_node="nA")
+    assert "stage 1 on nA, nB" in str(err.value) and "multiple of tp=2" in str(err.value)
+    with pytest.raises(PlacementError, match="vLLM needs 4"):
+        check_stage_locality(BUNDLES[:3], ["nA"] * 3, 2, 2)
+
+
+# ------------------------------------------------------------- commands + preflight
+
+HOSTFILE = """
+10.0.0.1 slots=8 type=H100
+10.0.0.2 slots=4 ip=192.168.0.2
+[cluster]
+ray.num_cpus = 16
+ray.temp_dir = /run/ray
+env.NCCL_DEBUG = INFO
+"""
+
+
+def cluster(text: str = HOSTFILE) -> RayCluster:
+    return RayCluster(parse_hostfile_text(text, "hf"))
+
+
+def probe(host: str, **kw) -> Probe:
+    base = dict(python="3.11.9", executable="/venv/bin/python", packages={"ray": "2.58.0", "vllm": "0.26.0", "torch": "2.11.0"},
+                gpus=None, shm_bytes=64 << 30, busy_ports=[], addresses={host: "ens5", "127.0.0.1": "lo"},
+                src_ip=host, iface="ens5", ray_pids=[])
+    base.update(kw)
+    return Probe(host=host, **base)
+
+
+def test_ray_start_head_and_worker() -> None:
+    rc = cluster()
+    head, worker = rc.config.hosts
+    h = shlex.split(rc.ray_start_command(head))
+    assert h[:2] == ["ray", "start"] and "--head" in h and "--port=6379" in h
+    assert "--node-ip-address=10.0.0.1" in h and "--num-gpus=8" in h and "--num-cpus=16" in h
+    assert "--temp-dir=/run/ray" in h and "--dashboard-host=0.0.0.0" in h
+    assert '--resources={"accelerator_type:H100": 1}' in h
+    w = shlex.split(rc.ray_start_command(worker))
+    assert "--address=10.0.0.1:6379" in w and "--node-ip-address=192.168.0.2" in w and "--num-gpus=4" in w
+    assert "--head" not in w
+
+
+def test_node_env_sets_nccl_gloo_vllm_ip() -> None:
+    rc = cluster()
+    worker = rc.config.hosts[1]
+    env = node_env(rc.config, worker, probe("192.168.0.2", iface="ib0"))
+    assert env == {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0",
+                   "VLLM_HOST_IP": "192.168.0.2"}
+
+
+def test_docker_mode_commands() -> None:
+    rc = cluster("10.0.0.1 slots=8\n[cluster]\ndocker.image = reg/img:tag\ndocker.name = flagos\n"
+                 "docker.shm_size = 32g\ndocker.volumes = [/nfs:/nfs]\n")
+    host = rc.config.hosts[0]
+    run = shlex.split(rc.docker_run_command(host, {"NCCL_SOCKET_IFNAME": "eth0"}))
+    for flag in ("--net=host", "--ipc=host", "--gpus=all", "--shm-size=32g"):
+        assert flag in run
+    assert run[run.index("--name") + 1] == "flagos" and run[-3:] == ["reg/img:tag", "sleep", "infinity"]
+    assert "NCCL_SOCKET_IFNAME=eth0" in run and "/nfs:/nfs" in run
+    inner = rc._in_node("ray status", env={"A": "1"})
+    assert inner.startswith("docker exec -i -e A=1 flagos sh -c ")
+
+
+def test_preflight_passes_on_matching_hosts() -> None:
+    rc = cluster()
+    probes = {"10.0.0.1": probe("10.0.0.1"), "10.0.0.2": probe("192.168.0.2")}
+    assert rc.preflight(probes, list(rc.config.hosts)) == {}
+
+
+def test_preflight_names_each_problem() -> None:
+    rc = cluster()
+    probes = {
+        "10.0.0.1": probe("10.0.0.1", busy_ports=[6379], gpus=["H100"] * 8),
+        "10.0.0.2": probe("192.168.0.2", packages={"ray": "2.57.0", "vllm": "0.26.0", "torch": "2.11.0"},
+                          python="3.11.4", gpus=["H100"] * 2, shm_bytes=64 << 20, iface=None, ray_pids=[42]),
+    }
+    problems = rc.preflight(probes, list(rc.config.hosts))
+    assert "port(s) 6379 already in use" in problems["10.0.0.1"]
+    w = problems["10.0.0.2"]
+    assert "version mismatch with the head: python 3.11.4 (head: 3.11.9), ray 2.57.0 (head: 2.58.0)" in w
+    assert "nvidia-smi shows 2 GPU(s) but slots=4 (fix: set slots=2)" in w
+    assert "/dev/shm is 64.0 MiB" in w and "no interface reaches the head" in w
+    assert "Ray is already running here" in w
+
+
+def test_preflight_skips_start_checks_for_joined_hosts() -> None:
+    rc = cluster()
+    probes = {"10.0.0.1": probe("10.0.0.1", busy_ports=[6379], ray_pids=[7]), "10.0.0.2": probe("192.168.0.2")}
+    assert rc.preflight(probes, [rc.config.hosts[1]]) == {}  # head already runs Ray: its ports are Ray's own
+
+
+def test_preflight_wrong_ip_and_required_version() -> None:
+    rc = cluster(HOSTFILE + "ray.version = 2.57.0\n")
+    probes = {"10.0.0.1": probe("10.0.0.1"), "10.0.0.2": probe("192.168.0.2", addresses={"10.9.9.9": "eth0"})}
+    problems = rc.preflight(probes, list(rc.config.hosts))
+    assert "ray 2.58.0 but ray.version = 2.57.0" in problems["10.0.0.1"]
+    assert "address 192.168.0.2 is not on this host" in problems["10.0.0.2"]
+
+
+def test_sizes_and_known_hosts_names() -> None:
+    assert parse_size("32g") == 32 << 30 and parse_size("512m") == 512 << 20 and parse_size("100") == 100
+    assert known_hosts_name("10.0.0.1", 22) == "10.0.0.1" and known_hosts_name("h", 2222) == "[h]:2222"
+
+
+def test_node_env_applies_to_the_whole_start_command() -> None:
+    rc = cluster()
+    cmd = rc._in_node("mkdir -p /x && ray start", env={"A": "1 2"})
+    assert shlex.split(cmd) == ["env", "A=1 2", "sh", "-c", "mkdir -p /x && ray start"]

@@ -1,0 +1,293 @@
+"""Autoscaling and faults on one local Ray cluster, under load from the real ``openai`` client.
+
+One app (tiny text model, real vLLM on CPU) with autoscaling 1..2 and a small
+target; the tests run in order against it:
+
+1. load -> Serve starts a second replica;
+2. a replica actor is killed under load -> Serve restarts it while the other
+   keeps serving; the ingress retries what failed before a byte was sent;
+3. idle -> back to one replica;
+4. the last replica killed -> clients get 503 + Retry-After at once (not a
+   hang), and every request succeeds again once Serve restarted it.
+
+The load client counts what it sent, what succeeded, what it retried (after a
+503 it waits Retry-After, as a client should) and what failed; the counts are
+printed and written to ``$FLEETSERVE_SCALE_REPORT`` (JSON) when set. No
+request may hang: each has a 60 s client timeout, and any timeout fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+import pytest
+
+from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+PORT = 8420
+BASE = f"http://127.0.0.1:{PORT}"
+MODEL = "tiny-text"
+APP = "scaling"
+DEPLOYMENT = f"FleetLLMServer:{MODEL}"
+CLIENT_TIMEOUT_S = 60.0
+REPORT: dict[str, dict] = {}
+
+
+@dataclass
+class Counts:
+    sent: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    failed: int = 0
+    status_503: int = 0
+    status_503_with_retry_after: int = 0
+    timeouts: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    max_latency_s: float = 0.0
+
+
+class Load:
+    """Closed-loop load: ``workers`` threads, each sending one chat request after another.
+
+    A request answered 503 is retried after its Retry-After (capped at 2 s, up to
+    3 times) -- the behaviour the ingress asks of clients; anything else that is
+    not a 200 counts as failed.
+    """
+
+    def __init__(self, workers: int, max_tokens: int = 48):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=f"{BASE}/v1", api_key="none", timeout=CLIENT_TIMEOUT_S, max_retries=0)
+        self.workers, self.max_tokens = workers, max_tokens
+        self.counts = Counts()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def window(self) -> Counts:
+        """Counts since the last call (and reset)."""
+        with self._lock:
+            out, self.counts = self.counts, Counts()
+        return out
+
+    def _bump(self, **kw: float) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self.counts, k, getattr(self.counts, k) + v)
+
+    def one(self, i: int) -> int:
+        """Send one request (with the client's 503 retries); return the final status (0: no answer)."""
+        import openai
+
+        self._bump(sent=1)
+        for attempt in range(4):
+            t0 = time.monotonic()
+            try:
+                self.client.chat.completions.create(
+                    model=MODEL, max_tokens=self.max_tokens,
+                    messages=[{"role": "user", "content": f"the a of and to in is w{i % 400}"}])
+                status = 200
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                retry_after = exc.response.headers.get("retry-after")
+            except openai.APITimeoutError:
+                status = 0
+                self._bump(timeouts=1)
+            except openai.APIConnectionError as exc:
+                status = -1
+                with self._lock:
+                    self.counts.errors[type(exc).__name__] = self.counts.errors.get(type(exc).__name__, 0) + 1
+            latency = time.monotonic() - t0
+            with self._lock:
+                self.counts.max_latency_s = max(self.counts.max_latency_s, latency)
+            if status == 200:
+                self._bump(succeeded=1)
+                return 200
+            if status == 503:
+                self._bump(status_503=1, status_503_with_retry_after=1 if retry_after else 0)
+                if attempt < 3 and retry_after:
+                    self._bump(retried=1)
+                    time.sleep(min(float(retry_after), 2.0))
+                    continue
+            break
+        with self._lock:
+            self.counts.failed += 1
+            if status not in (0, -1):
+                self.counts.errors[str(status)] = self.counts.errors.get(str(status), 0) + 1
+        return status
+
+    def _run(self, wid: int) -> None:
+        i = wid
+        while not self._stop.is_set():
+            self.one(i)
+            i += self.workers
+
+    def __enter__(self) -> Load:
+        self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(self.workers)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=CLIENT_TIMEOUT_S * 5)
+
+
+def llm_replicas() -> list[dict]:
+    from cluster.serving.status import fetch_serve_details
+
+    deps = fetch_serve_details()["applications"][APP]["deployments"]
+    return deps[DEPLOYMENT]["replicas"]
+
+
+def running() -> list[dict]:
+    return [r for r in llm_replicas() if str(r["state"]) == "RUNNING"]
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 2.0) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s; replicas: "
+                               f"{[(r['replica_id'], r['state']) for r in llm_replicas()]}")
+        time.sleep(poll)
+    return time.monotonic() - t0
+
+
+def ingress_counters() -> dict:
+    r = httpx.get(f"{BASE}/health", timeout=30)
+    return r.json().get("ingress", {})
+
+
+def record(name: str, counts: Counts, **extra: object) -> None:
+    REPORT[name] = {**asdict(counts), **extra}
+    print(f"\n[{name}] {json.dumps(REPORT[name])}")
+    path = os.environ.get("FLEETSERVE_SCALE_REPORT")
+    if path:
+        with open(path, "w") as fh:
+            json.dump(REPORT, fh, indent=1)
+
+
+def kill_replica(replica: dict) -> None:
+    import ray
+
+    actor = ray.get_actor(replica["actor_name"], namespace="serve")
+    ray.kill(actor, no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def app():
+    import ray
+    from ray import serve
+
+    from cluster.serving.app import build_app
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    args = tiny_args(tiny_qwen2(), MODEL, replicas={
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 2, "downscale_delay_s": 20},
+        "max_ongoing_requests": 4,
+        # Find a dead replica in seconds, not Serve's default 10 s + 30 s.
+        "health_check_period_s": 2, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 5,
+    }, request_timeout_s=120, retry_attempts=2)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        t0 = time.monotonic()
+        serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
+        wait_healthy(BASE, 900)
+        print(f"app ready in {time.monotonic() - t0:.0f}s")
+        yield
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def test_1_scales_up_under_load(app):
+    assert len(running()) == 1
+    with Load(workers=4) as load:
+        took = wait_for(lambda: len(running()) == 2, 900, "second replica under load")
+        time.sleep(10)  # both replicas take traffic
+        counts = load.window()
+    record("scale_up", counts, seconds_to_second_replica=round(took, 1))
+    assert counts.succeeded > 0 and counts.failed == 0 and counts.timeouts == 0
+    assert counts.max_latency_s < CLIENT_TIMEOUT_S
+
+
+def test_2_killed_replica_is_restarted_while_the_other_serves(app):
+    before_ingress = ingress_counters()
+    replicas = running()
+    assert len(replicas) == 2
+    victim, survivor = replicas
+    with Load(workers=4) as load:
+        time.sleep(5)
+        load.window()
+        t_kill = time.monotonic()
+        kill_replica(victim)
+        # The survivor keeps serving while Serve notices and replaces the victim.
+        wait_for(lambda: victim["replica_id"] not in {r["replica_id"] for r in llm_replicas()}, 120,
+                 "Serve notices the killed replica")
+        during = load.window()
+        took = wait_for(lambda: len(running()) >= 2 or (len(running()) == 1 and running()[0]["replica_id"]
+                        != survivor["replica_id"]), 900, "killed replica replaced")
+        during_restart = load.window()
+    after_ingress = ingress_counters()
+    ingress_retried = after_ingress.get("retried", 0) - before_ingress.get("retried", 0)
+    total = Counts(**{k: getattr(during, k) + getattr(during_restart, k) for k in
+                      ("sent", "succeeded", "retried", "failed", "status_503", "status_503_with_retry_after",
+                       "timeouts")})
+    total.max_latency_s = max(during.max_latency_s, during_restart.max_latency_s)
+    total.errors = {**during.errors, **during_restart.errors}
+    record("replica_killed", total, ingress_retried=ingress_retried,
+           seconds_to_replacement=round(time.monotonic() - t_kill, 1), wait_s=round(took, 1))
+    assert total.succeeded > 0, "the surviving replica must keep serving"
+    assert total.timeouts == 0 and total.max_latency_s < CLIENT_TIMEOUT_S
+    # Failures are only what no retry can save (an answer that had started streaming).
+    assert total.failed <= 4, total
+    # After recovery every request succeeds again.
+    load = Load(workers=1)
+    assert [load.one(i) for i in range(6)] == [200] * 6
+
+
+def test_3_idle_scales_back_to_one(app):
+    took = wait_for(lambda: len(running()) == 1 and len(llm_replicas()) == 1, 300, "scale down when idle")
+    REPORT.setdefault("scale_down", {})["seconds_idle_to_one_replica"] = round(took, 1)
+    print(f"\n[scale_down] {took:.0f}s")
+
+
+def test_4_no_live_replica_gives_503_with_retry_after_not_a_hang(app):
+    (only,) = running()
+    kill_replica(only)
+    codes, latencies, retry_after = [], [], []
+    t_end = time.monotonic() + 20
+    while time.monotonic() < t_end:
+        t0 = time.monotonic()
+        r = httpx.post(f"{BASE}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S,
+                       json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "the a"}]})
+        latencies.append(time.monotonic() - t0)
+        codes.append(r.status_code)
+        if r.status_code == 503:
+            retry_after.append(r.headers.get("retry-after"))
+            assert "no replica" in r.json()["message"]
+        time.sleep(0.5)
+    REPORT["no_replica"] = {"codes": {str(c): codes.count(c) for c in set(codes)},
+                            "max_latency_s": round(max(latencies), 2)}
+    print(f"\n[no_replica] {REPORT['no_replica']}")
+    assert 503 in codes and all(ra and int(ra) > 0 for ra in retry_after)
+    assert set(codes) <= {200, 503}, codes
+    assert max(latencies) < 15, "a request waited for a replica instead of getting 503"
+    # Serve restarts the replica (min_replicas=1); then every request succeeds again.
+    took = wait_for(lambda: len(running()) == 1, 900, "replica restarted after losing the last one")
+    wait_healthy(BASE, 120)
+    load = Load(workers=1)
+    assert [load.one(i) for i in range(6)] == [200] * 6
+    REPORT["no_replica"]["seconds_to_restart"] = round(took, 1)
+    record("no_replica_final", Counts(), **REPORT["no_replica"])

@@ -1,0 +1,251 @@
+"""End to end: deployments/tiny.yaml on a real Ray cluster with real vLLM (CPU).
+
+One module-scoped app with two vLLM replicas behind one OpenAI endpoint; the
+tests talk to it with the real ``openai`` client and raw HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import http.server
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 8010
+BASE = f"http://127.0.0.1:{PORT}"
+MODEL = "tiny-qwen2.5-vl"
+
+
+def png_bytes(color=(200, 30, 30), size=(64, 64)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """A PNG served over http on 127.0.0.1 (for image_url with an http URL)."""
+    payload = png_bytes((10, 120, 240))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/cat.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model, ray_local):
+    from ray import serve
+
+    from cluster.serving.app import build_app
+
+    cfg = yaml.safe_load((ROOT / "deployments/tiny.yaml").read_text())
+    args = cfg["applications"][0]["args"]
+    args["model"]["source"] = str(tiny_model)
+    args["replicas"] = 2
+    args["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    t0 = time.time()
+    serve.run(build_app(args), name="tiny", route_prefix="/", blocking=False)
+    _wait_ready(timeout=600)
+    print(f"app ready in {time.time() - t0:.1f}s")
+    yield
+    serve.delete("tiny")
+    serve.shutdown()
+
+
+def _wait_ready(timeout: float) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"{BASE}/health", timeout=15)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(2)
+    raise TimeoutError(f"app not healthy after {timeout}s: {last}")
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{BASE}/v1", api_key="none", timeout=120, max_retries=0)
+
+
+def chat(**kw) -> httpx.Response:
+    body = {"model": MODEL, "max_tokens": 8, **kw}
+    return httpx.post(f"{BASE}/v1/chat/completions", json=body, timeout=120)
+
+
+def assert_still_serving():
+    r = chat(messages=[{"role": "user", "content": "still there?"}])
+    assert r.status_code == 200, r.text
+
+
+def test_models_lists_the_served_model(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL]
+
+
+def test_chat_text(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a sunset."}], max_tokens=12, temperature=0
+    )
+    assert out.choices[0].finish_reason in ("length", "stop")
+    assert out.usage.completion_tokens > 0 and out.usage.prompt_tokens > 5
+
+
+def test_completions(client):
+    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert out.usage.completion_tokens > 0
+
+
+def test_chat_image_data_url(client):
+    msgs = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+        {"type": "text", "text": "What is in the image?"},
+    ]}]
+    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8)
+    # 64x64 image -> (64/14 rounded to 56 or 70)/28 ... at least 4 image tokens in the prompt.
+    text_only = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is in the image?"}], max_tokens=8)
+    assert out.usage.prompt_tokens >= text_only.usage.prompt_tokens + 4
+
+
+def test_chat_image_http_url(client, image_server):
+    msgs = [{"role": "user", "content": [
+        {"type": "text", "text": "Caption this."},
+        {"type": "image_url", "image_url": {"url": f"{image_server}/cat.png"}},
+    ]}]
+    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8)
+    assert out.usage.completion_tokens > 0
+
+
+def test_streaming_sse(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to five."}], max_tokens=10, stream=True
+    )
+    chunks = list(stream)
+    assert len(chunks) >= 3
+    assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason is not None
+    with httpx.stream("POST", f"{BASE}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_two_replicas_behind_one_endpoint(client):
+    from ray import serve
+
+    status = serve.status().applications["tiny"]
+    llm = [d for name, d in status.deployments.items() if name.startswith("LLMServer")][0]
+    assert llm.replica_states.get("RUNNING") == 2
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: chat(messages=[{"role": "user", "content": f"q{i}"}]).status_code,
+                                range(16)))
+    assert results == [200] * 16
+
+
+def test_health_reports_each_model(client):
+    r = httpx.get(f"{BASE}/health", timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["models"][MODEL]["healthy"] is True
+
+
+# -- bad requests: 4xx with a reason, and the replica keeps serving --------------------
+
+def test_too_many_images_is_400(client):
+    img = {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}
+    r = chat(messages=[{"role": "user", "content": [img, img, img, {"type": "text", "text": "x"}]}])
+    assert r.status_code == 400
+    assert "too many images" in r.json()["message"]
+    assert_still_serving()
+
+
+def test_undecodable_image_is_400(client):
+    bad = {"type": "image_url", "image_url": {"url": data_url(b"definitely not a png")}}
+    r = chat(messages=[{"role": "user", "content": [bad, {"type": "text", "text": "x"}]}])
+    assert r.status_code == 400
+    assert "cannot decode" in r.json()["message"]
+    assert_still_serving()
+
+
+def test_broken_http_image_is_4xx(client, image_server):
+    bad = {"type": "image_url", "image_url": {"url": f"{image_server}/missing.png"}}
+    r = chat(messages=[{"role": "user", "content": [bad, {"type": "text", "text": "x"}]}])
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["message"]
+    assert_still_serving()
+
+
+def test_prompt_too_long_is_400(client):
+    r = chat(messages=[{"role": "user", "content": "word " * 6000}])
+    assert r.status_code == 400, r.text
+    assert "context" in r.json()["message"].lower() or "too long" in r.json()["message"].lower()
+    assert_still_serving()
+
+
+def test_unknown_model_is_404(client):
+    r = httpx.post(f"{BASE}/v1/chat/completions", timeout=30,
+                   json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    assert "no-such-model" in r.text
+    assert_still_serving()
+
+
+def test_malformed_body_is_4xx(client):
+    r = httpx.post(f"{BASE}/v1/chat/completions", timeout=30, json={"model": MODEL, "messages": "nope"})
+    assert 400 <= r.status_code < 500
+    r = httpx.post(f"{BASE}/v1/chat/completions", timeout=30, content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500
+    assert_still_serving()
+
+
+def test_bad_requests_did_not_kill_replicas(client):
+    from ray import serve
+
+    test_too_many_images_is_400(client)
+    status = serve.status().applications["tiny"]
+    llm = [d for name, d in status.deployments.items() if name.startswith("LLMServer")][0]
+    assert llm.replica_states.get("RUNNING") == 2
+    assert json.dumps(llm.replica_states)
