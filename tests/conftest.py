@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyqwen2 import local_ray
+
 MODEL_CACHE = Path(os.environ.get("FLEETSERVE_TEST_MODELS", Path.home() / ".cache/fleetserve/test-models"))
 
 
@@ -28,11 +30,5 @@ def ray_local():
     Ray gets more logical CPUs than the machine has cores: on 2 cores the vLLM
     replica bundles would otherwise leave no room for Serve's ingress.
     """
-    import ray
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
-    try:
+    with local_ray() as ray:
         yield ray
-    finally:
-        ray.shutdown()

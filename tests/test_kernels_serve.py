@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tinyqwen2 import local_ray
+
 pytestmark = pytest.mark.slow
 
 PORT = 8130
@@ -44,17 +46,14 @@ def _spec(model: Path, name: str, tp: int, flaggems: dict | None) -> dict:
 def serve_instance(tmp_path_factory):
     report_dir = tmp_path_factory.mktemp("flaggems-reports")
     os.environ["FLEETSERVE_FLAGGEMS_REPORT_DIR"] = str(report_dir)  # inherited by Ray's workers
-    import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"FLEETSERVE_FLAGGEMS_REPORT_DIR": str(report_dir)}})
-    try:
+    with local_ray(runtime_env={"env_vars": {"FLEETSERVE_FLAGGEMS_REPORT_DIR": str(report_dir)}}):
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        yield report_dir
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            yield report_dir
+        finally:
+            serve.shutdown()
 
 
 def _deploy(name: str, spec: dict) -> None:

@@ -14,14 +14,13 @@ node exports metrics on a known port; the tests send real requests, scrape
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy
+from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +47,12 @@ def scrape() -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def app():
-    import ray
     from ray import serve
 
     from cluster.serving.app import build_app
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     model = tiny_qwen2()
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING",
-             _metrics_export_port=METRICS_PORT)
-    try:
+    with local_ray(_metrics_export_port=METRICS_PORT):
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         t0 = time.monotonic()
         serve.run(build_app(tiny_args(model, MODEL)), name="metrics", route_prefix="/", blocking=False)
@@ -65,8 +60,6 @@ def app():
         print(f"app ready in {time.monotonic() - t0:.0f}s")
         yield
         serve.shutdown()
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import pytest
 
-from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy
+from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -185,12 +185,10 @@ def kill_replica(replica: dict) -> None:
 
 @pytest.fixture(scope="module")
 def app():
-    import ray
     from ray import serve
 
     from cluster.serving.app import build_app
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     args = tiny_args(tiny_qwen2(), MODEL, replicas={
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                         "upscale_delay_s": 2, "downscale_delay_s": 20},
@@ -198,8 +196,7 @@ def app():
         # Find a dead replica in seconds, not Serve's default 10 s + 30 s.
         "health_check_period_s": 2, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 5,
     }, request_timeout_s=120, retry_attempts=2)
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
-    try:
+    with local_ray():
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         t0 = time.monotonic()
         serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
@@ -207,8 +204,6 @@ def app():
         print(f"app ready in {time.monotonic() - t0:.0f}s")
         yield
         serve.shutdown()
-    finally:
-        ray.shutdown()
 
 
 def test_1_scales_up_under_load(app):

@@ -8,6 +8,7 @@ directory self-contained. Head dim 64: vLLM's CPU attention refuses 16.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -120,3 +121,23 @@ def wait_healthy(base: str, timeout: float) -> float:
             last = repr(exc)
         time.sleep(2)
     raise TimeoutError(f"{base} not healthy after {timeout}s: {last}")
+
+
+@contextlib.contextmanager
+def local_ray(**init_kwargs):
+    """A fresh local Ray instance (8 logical CPUs), shut down on exit.
+
+    A Ray connection left over from an earlier test module (an in-process dry
+    run, a failed fixture) is shut down first, so one module's leftovers cannot
+    make the next module's ``ray.init`` fail.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING", **init_kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,8 +1,4 @@
-"""Cluster commands: ``up``, ``down``, ``status``, ``exec`` (hosts → SSH → Ray cluster).
-
-``drain HOST`` is meant to join these later (see ``register``): it will reuse
-:class:`cluster.raycluster.RayCluster` to stop one host after Ray drained it.
-"""
+"""Cluster commands: ``up``, ``down``, ``status``, ``drain``, ``exec`` (hosts → SSH → Ray cluster)."""
 
 from __future__ import annotations
 
@@ -110,10 +106,35 @@ def status(
             for app, info in st["serve"].items():
                 deps = ", ".join(f"{d}={s}" for d, s in info["deployments"].items())
                 out.print(f"serve app {app}: {info['status']} ({deps})", highlight=False)
+            if st.get("serve_summary"):
+                from cluster.serving.status import table_from_json
+
+                out.print(table_from_json(st["serve_summary"]))
         else:
             out.print("serve: no applications" + (f" ({st['serve_error']})" if st.get("serve_error") else ""))
     if not st["healthy"]:
         raise typer.Exit(2)
+
+
+def drain(
+    host: Annotated[str, typer.Argument(help="The worker host to take out (as written in the hostfile).")],
+    hostfile: OptHostfileArg = None,
+    timeout: Annotated[float, typer.Option(help="Seconds Serve gets to move the replicas off the host.")] = 600.0,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Also when a multi-node replica has workers there (its requests in flight fail).")] = False,
+) -> None:
+    """Move every Serve replica off HOST (replacements first, in-flight requests finish), then stop Ray there."""
+    from cluster.raycluster import RayCluster, resolve_hostfile
+
+    try:
+        config = resolve_hostfile(hostfile)
+        with RayCluster(config) as rc:
+            result = rc.drain(host, timeout=timeout, force=force)
+    except FleetserveError as exc:
+        _fail(exc)
+        return
+    Console().print(f"{result['host']} drained in {result['seconds']:.1f}s and Ray stopped there; remove it from "
+                    "the hostfile (or run `fleetserve up` to bring it back)", highlight=False)
 
 
 def exec_(
@@ -156,8 +177,9 @@ def exec_(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the cluster commands to the top-level app (``drain`` will be registered here too)."""
+    """Add the cluster commands to the top-level app."""
     app.command("up")(up)
     app.command("down")(down)
     app.command("status")(status)
+    app.command("drain")(drain)
     app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)

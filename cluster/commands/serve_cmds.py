@@ -65,12 +65,23 @@ def validate(
 
 
 def build_dry_run(serving) -> list[str]:
-    """Build the Serve application graph exactly as ``serve run`` would, without deploying."""
+    """Build the Serve application graph exactly as ``serve run`` would, without deploying.
+
+    ray.serve.llm reads the runtime context while it derives the replica options,
+    which starts a local Ray instance when none is connected; that one is shut
+    down again here, so a dry run leaves nothing running.
+    """
+    import ray
     from ray.serve._private.build_app import build_app as serve_build
 
     from cluster.serving.app import compose_app
 
-    built = serve_build(compose_app(serving), name="dry-run")
+    connected = ray.is_initialized()
+    try:
+        built = serve_build(compose_app(serving), name="dry-run")
+    finally:
+        if not connected and ray.is_initialized():
+            ray.shutdown()
     lines = []
     for dep in built.deployments:
         opts = dep._deployment_config

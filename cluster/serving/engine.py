@@ -35,7 +35,9 @@ class FleetLLMServer(LLMServer):
         cfg = config_from_env(os.environ) or FlagGemsConfig()
         # Raises a clear error (Serve marks the deployment DEPLOY_FAILED with it)
         # unless the user asked to fall back to stock kernels.
-        check_host_support(cfg)
+        support = check_host_support(cfg)
+        if cfg.enabled and not support.ok:
+            _drop_flaggems_overrides(self._llm_config.engine_kwargs)
         await super().start()
         # Held on self: an unreferenced task may be garbage-collected mid-flight.
         self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(cfg))
@@ -71,6 +73,20 @@ class FleetLLMServer(LLMServer):
             "node_ip": os.environ.get("VLLM_HOST_IP") or _node_ip(),
             "flaggems": collect_reports(deployment),
         }
+
+
+def _drop_flaggems_overrides(engine_kwargs: dict[str, Any]) -> None:
+    """Fallback to stock kernels: take out what only the FlagGems mode needs.
+
+    ``ir_op_priority`` names the ``flaggems`` provider, which vLLM validates in
+    processes where the plugin never registered it (it is not armed when the
+    host cannot run FlagGems); the graph mode the user chose is kept.
+    """
+    engine_kwargs.pop("ir_op_priority", None)
+    compilation = engine_kwargs.get("compilation_config")
+    if isinstance(compilation, dict) and "custom_ops" in compilation:
+        compilation = {k: v for k, v in compilation.items() if k != "custom_ops"}
+        engine_kwargs["compilation_config"] = compilation
 
 
 def _node_ip() -> str:
