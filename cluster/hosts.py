@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cluster.errors import ConfigError, ConfigErrors, pydantic_errors
 
-HOST_KEYS = ("slots", "type", "user", "port", "ip", "head")
+HOST_KEYS = ("slots", "type", "user", "port", "ip", "cpus", "head")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -68,6 +68,8 @@ class Host(_Strict):
     user: str | None = Field(default=None, description="SSH user; default: ssh.user.")
     port: int | None = Field(default=None, ge=1, le=65535, description="SSH port; default: ssh.port.")
     ip: str | None = Field(default=None, description="Address Ray/NCCL use; default: the SSH address.")
+    cpus: int | None = Field(default=None, ge=1, le=100000,
+                             description="Logical CPUs Ray offers on this host; default: ray.num_cpus.")
     head: bool = False
     line: int = Field(default=0, description="Line in the hostfile (for messages).")
 
@@ -267,9 +269,10 @@ def _parse_host_line(text: str, lineno: int, source: str, errors: list[ConfigErr
                 continue
             fields["head"] = value.lower() in ("true", "1", "yes")
             continue
-        if key in ("slots", "port"):
+        if key in ("slots", "port", "cpus"):
             if not value.isdigit() or len(value) > 7:
-                what = "the number of GPUs on the host" if key == "slots" else "the SSH port"
+                what = {"slots": "the number of GPUs on the host", "port": "the SSH port",
+                        "cpus": "the logical CPUs Ray offers there"}[key]
                 errors.append(ConfigError(source, where, f"{key}={value!r} is not a whole number",
                                           f"set {key}= to {what}, e.g. {key}={8 if key == 'slots' else 22}"))
                 continue
@@ -297,6 +300,7 @@ _HOST_FIXES = {
     "slots": "slots must be between 1 and 1024 (the GPUs on that host)",
     "port": "port must be between 1 and 65535 (the host's SSH port)",
     "ip": "ip= must be an IP address, e.g. ip=10.0.0.1",
+    "cpus": "cpus= is a whole number of logical CPUs >= 1, e.g. cpus=64",
     "type": "type= is a GPU model such as H100",
     "user": "user= is a login name such as root or ubuntu",
 }
@@ -533,7 +537,8 @@ def render_hostfile(config: ClusterConfig) -> str:
     lines = []
     for h in config.hosts:
         parts = [h.address, f"slots={h.slots}"]
-        for key, value in (("type", h.gpu_type), ("user", h.user), ("port", h.port), ("ip", h.ip)):
+        for key, value in (("type", h.gpu_type), ("user", h.user), ("port", h.port), ("ip", h.ip),
+                           ("cpus", h.cpus)):
             if value is not None:
                 parts.append(f"{key}={value}")
         if h.head:

@@ -456,8 +456,9 @@ class RayCluster:
                 args += ["--dashboard-host=0.0.0.0", f"--dashboard-port={r.dashboard_port}"]
         else:
             args += [f"--address={self.address}"]
-        if r.num_cpus is not None:
-            args.append(f"--num-cpus={r.num_cpus}")
+        num_cpus = host.cpus if host.cpus is not None else r.num_cpus
+        if num_cpus is not None:
+            args.append(f"--num-cpus={num_cpus}")
         if r.object_store_memory is not None:
             args.append(f"--object-store-memory={r.object_store_memory}")
         if r.node_manager_port:

@@ -7,7 +7,8 @@ import shlex
 import pytest
 
 from cluster.hosts import parse_hostfile_text
-from cluster.raycluster import Probe, RayCluster, node_env, parse_size
+from cluster.errors import ConfigError
+from cluster.raycluster import ClusterError, Probe, RayCluster, node_env, parse_size
 from cluster.serving.placement import PlacementError, check_stage_locality, replica_placement, worker_layout
 from cluster.ssh import known_hosts_name
 
@@ -108,7 +109,31 @@ def test_node_env_sets_nccl_gloo_vllm_ip() -> None:
     worker = rc.config.hosts[1]
     env = node_env(rc.config, worker, probe("192.168.0.2", iface="ib0"))
     assert env == {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0",
-                   "VLLM_HOST_IP": "192.168.0.2"}
+                   "VLLM_HOST_IP": "192.168.0.2",
+                   "RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH": "cluster.serving.drain:install"}
+
+
+def test_drain_refuses_the_head_before_touching_any_host() -> None:
+    rc = cluster()
+    with pytest.raises(ClusterError, match="is the head"):
+        rc.drain("10.0.0.1")
+    with pytest.raises(ConfigError, match="no host '10.9.9.9'"):
+        rc.drain("10.9.9.9")
+
+
+def test_serve_controller_callback_installs_a_drain_aware_node_cache(monkeypatch) -> None:
+    import ray.serve._private.controller as controller
+    from ray.serve._private.cluster_node_info_cache import DefaultClusterNodeInfoCache
+
+    from cluster.serving.drain import CONTROLLER_CALLBACK, install
+    from ray._common.utils import import_attr
+
+    monkeypatch.setattr(controller, "create_cluster_node_info_cache", controller.create_cluster_node_info_cache)
+    assert import_attr(CONTROLLER_CALLBACK) is install
+    install()
+    cache_cls = controller.create_cluster_node_info_cache
+    assert issubclass(cache_cls, DefaultClusterNodeInfoCache) and cache_cls.__name__ == "DrainAwareNodeInfoCache"
+    assert cache_cls(gcs_client=None).get_draining_nodes() == {}
 
 
 def test_docker_mode_commands() -> None:

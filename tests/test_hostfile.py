@@ -82,6 +82,8 @@ def test_yaml_cluster_file(tmp_path: Path) -> None:
         ("a slots=1\n[cluster]\nenv.1BAD = x\n", "env: Value error"),
         ("a slots=1\n[cluster]\nray.port = 8265\n", "ray.port, ray.dashboard_port and ray.client_server_port must differ"),
         ("a slots=1 ip=not-an-ip\n", "line 1: ip:"),
+        ("a slots=1 cpus=many\n", "line 1: cpus='many' is not a whole number\n  fix: set cpus= to the logical CPUs"),
+        ("a slots=1 cpus=0\n", "line 1: cpus: Input should be greater than or equal to 1"),
     ],
 )
 def test_malformed_lines_name_line_and_fix(text: str, expected: str) -> None:
@@ -113,7 +115,7 @@ def test_file_level_errors(tmp_path: Path) -> None:
 
 
 def test_render_roundtrip() -> None:
-    cfg = parse_hostfile_text("a slots=2 type=H100 user=u port=2 ip=10.0.0.9 head\nb slots=8\n", "hf")
+    cfg = parse_hostfile_text("a slots=2 type=H100 user=u port=2 ip=10.0.0.9 cpus=16 head\nb slots=8\n", "hf")
     again = parse_hostfile_text(render_hostfile(cfg), "hf")
     assert [h.model_dump(exclude={"line"}) for h in again.hosts] == [h.model_dump(exclude={"line"}) for h in cfg.hosts]
 

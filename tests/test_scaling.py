@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import httpx
 import pytest
 
+from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add
 from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -36,109 +36,7 @@ BASE = f"http://127.0.0.1:{PORT}"
 MODEL = "tiny-text"
 APP = "scaling"
 DEPLOYMENT = f"FleetLLMServer:{MODEL}"
-CLIENT_TIMEOUT_S = 60.0
 REPORT: dict[str, dict] = {}
-
-
-@dataclass
-class Counts:
-    sent: int = 0
-    succeeded: int = 0
-    retried: int = 0
-    failed: int = 0
-    status_503: int = 0
-    status_503_with_retry_after: int = 0
-    timeouts: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    max_latency_s: float = 0.0
-
-
-class Load:
-    """Closed-loop load: ``workers`` threads, each sending one chat request after another.
-
-    A request answered 503 is retried after its Retry-After (capped at 2 s, up to
-    3 times) -- the behaviour the ingress asks of clients; anything else that is
-    not a 200 counts as failed.
-    """
-
-    def __init__(self, workers: int, max_tokens: int = 48):
-        from openai import OpenAI
-
-        self.client = OpenAI(base_url=f"{BASE}/v1", api_key="none", timeout=CLIENT_TIMEOUT_S, max_retries=0)
-        self.workers, self.max_tokens = workers, max_tokens
-        self.counts = Counts()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def window(self) -> Counts:
-        """Counts since the last call (and reset)."""
-        with self._lock:
-            out, self.counts = self.counts, Counts()
-        return out
-
-    def _bump(self, **kw: float) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self.counts, k, getattr(self.counts, k) + v)
-
-    def one(self, i: int) -> int:
-        """Send one request (with the client's 503 retries); return the final status (0: no answer)."""
-        import openai
-
-        self._bump(sent=1)
-        for attempt in range(4):
-            t0 = time.monotonic()
-            try:
-                self.client.chat.completions.create(
-                    model=MODEL, max_tokens=self.max_tokens,
-                    messages=[{"role": "user", "content": f"the a of and to in is w{i % 400}"}])
-                status = 200
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                retry_after = exc.response.headers.get("retry-after")
-            except openai.APITimeoutError:
-                status = 0
-                self._bump(timeouts=1)
-            except openai.APIConnectionError as exc:
-                status = -1
-                with self._lock:
-                    self.counts.errors[type(exc).__name__] = self.counts.errors.get(type(exc).__name__, 0) + 1
-            latency = time.monotonic() - t0
-            with self._lock:
-                self.counts.max_latency_s = max(self.counts.max_latency_s, latency)
-            if status == 200:
-                self._bump(succeeded=1)
-                return 200
-            if status == 503:
-                self._bump(status_503=1, status_503_with_retry_after=1 if retry_after else 0)
-                if attempt < 3 and retry_after:
-                    self._bump(retried=1)
-                    time.sleep(min(float(retry_after), 2.0))
-                    continue
-            break
-        with self._lock:
-            self.counts.failed += 1
-            if status not in (0, -1):
-                self.counts.errors[str(status)] = self.counts.errors.get(str(status), 0) + 1
-        return status
-
-    def _run(self, wid: int) -> None:
-        i = wid
-        while not self._stop.is_set():
-            self.one(i)
-            i += self.workers
-
-    def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(self.workers)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=CLIENT_TIMEOUT_S * 5)
 
 
 def llm_replicas() -> list[dict]:
@@ -208,7 +106,7 @@ def app():
 
 def test_1_scales_up_under_load(app):
     assert len(running()) == 1
-    with Load(workers=4) as load:
+    with Load(BASE, MODEL, workers=4) as load:
         took = wait_for(lambda: len(running()) == 2, 900, "second replica under load")
         time.sleep(10)  # both replicas take traffic
         counts = load.window()
@@ -222,7 +120,7 @@ def test_2_killed_replica_is_restarted_while_the_other_serves(app):
     replicas = running()
     assert len(replicas) == 2
     victim, survivor = replicas
-    with Load(workers=4) as load:
+    with Load(BASE, MODEL, workers=4) as load:
         time.sleep(5)
         load.window()
         t_kill = time.monotonic()
@@ -236,11 +134,7 @@ def test_2_killed_replica_is_restarted_while_the_other_serves(app):
         during_restart = load.window()
     after_ingress = ingress_counters()
     ingress_retried = after_ingress.get("retried", 0) - before_ingress.get("retried", 0)
-    total = Counts(**{k: getattr(during, k) + getattr(during_restart, k) for k in
-                      ("sent", "succeeded", "retried", "failed", "status_503", "status_503_with_retry_after",
-                       "timeouts")})
-    total.max_latency_s = max(during.max_latency_s, during_restart.max_latency_s)
-    total.errors = {**during.errors, **during_restart.errors}
+    total = add(during, during_restart)
     record("replica_killed", total, ingress_retried=ingress_retried,
            seconds_to_replacement=round(time.monotonic() - t_kill, 1), wait_s=round(took, 1))
     assert total.succeeded > 0, "the surviving replica must keep serving"
@@ -248,7 +142,7 @@ def test_2_killed_replica_is_restarted_while_the_other_serves(app):
     # Failures are only what no retry can save (an answer that had started streaming).
     assert total.failed <= 4, total
     # After recovery every request succeeds again.
-    load = Load(workers=1)
+    load = Load(BASE, MODEL, workers=1)
     assert [load.one(i) for i in range(6)] == [200] * 6
 
 
@@ -282,7 +176,7 @@ def test_4_no_live_replica_gives_503_with_retry_after_not_a_hang(app):
     # Serve restarts the replica (min_replicas=1); then every request succeeds again.
     took = wait_for(lambda: len(running()) == 1, 900, "replica restarted after losing the last one")
     wait_healthy(BASE, 120)
-    load = Load(workers=1)
+    load = Load(BASE, MODEL, workers=1)
     assert [load.one(i) for i in range(6)] == [200] * 6
     REPORT["no_replica"]["seconds_to_restart"] = round(took, 1)
     record("no_replica_final", Counts(), **REPORT["no_replica"])

@@ -12,6 +12,8 @@ fleetserve_stack_env() {
   # The line of ../shared/gpu/unpack.txt (that folder does not travel to the device).
   [ -f /tmp/site/.ok ] || { mkdir -p /tmp/site && cat /tmp/stage/part.* | xz -dc -T0 | tar -x -C /tmp/site && touch /tmp/site/.ok; }
   export PYTHONPATH=$PWD:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  # The bundle is unpacked from wheels with zipfile, which drops the exec bit of Ray's binaries.
+  [ -x /tmp/site/ray/core/src/ray/gcs/gcs_server ] || find /tmp/site/ray/core -type f -exec chmod +x {} +
   export PYTHONUNBUFFERED=1 GEMS_VENDOR=nvidia
   # No network on the device: never let HF / usage stats wait on it.
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 RAY_USAGE_STATS_ENABLED=0

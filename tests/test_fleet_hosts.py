@@ -1,0 +1,265 @@
+"""Scale-out, scale-down, drain and a lost host on emulated hosts, under real load.
+
+Real sshd hosts (network + PID namespaces, see tests/hosts), brought up with
+``fleetserve up``; the app is deployed the way an operator does it, ``serve
+deploy`` against the head's dashboard; load comes from the real ``openai``
+client. Each worker host offers 2 logical CPUs and one replica needs 2 (replica
+actor + its vLLM worker bundle), so a replica fits on an empty worker host and
+never on the head (``cpus=1`` in the hostfile; Serve's ingress takes 0.1 there):
+where each replica lands is determined by the hosts there are, as on a GPU fleet
+where a TP group fills a host. The steps run in order against one cluster:
+
+1. h1 (head) + h2 are up, one replica on h2; under load Serve wants a second
+   replica and has nowhere to put it; h3 is added to the hostfile and
+   ``fleetserve up`` brings it in -> the second replica lands on h3. Measured:
+   seconds from ``up`` to h3's first served request.
+2. idle -> back to one replica.
+3. ``fleetserve drain`` the host holding it, under load -> Serve moves the
+   replica to the other worker (replacement first) and no request fails;
+   ``fleetserve up`` brings the drained host back.
+4. the raylet of the host holding the replica is killed under load -> clients
+   get 503 + Retry-After while no replica can take requests (never a hang), the
+   replica is rebuilt on the remaining worker, and every request succeeds again.
+
+Counts (sent, succeeded, retried, failed, timeouts) and timings are printed and
+written to ``$FLEETSERVE_FLEET_REPORT`` (JSON) when set, which is how
+``benchmarks/results/fleet_hosts_cpu.json`` was made.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hosts.emulation import HostEmulator  # noqa: E402
+from hosts.fixtures import host_emulator, three_hosts  # noqa: E402,F401
+from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add  # noqa: E402
+from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy  # noqa: E402
+
+from cluster.serving.status import fetch_serve_details  # noqa: E402
+
+pytestmark = [pytest.mark.hosts, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+BIN = Path(sys.executable).parent
+HEAD = "10.203.0.11"
+DASHBOARD = f"http://{HEAD}:8265"
+BASE = f"http://{HEAD}:8000"
+MODEL, APP = "tiny-text", "fleet"
+DEPLOYMENT = f"FleetLLMServer:{MODEL}"
+RAY_TMP = "/run/fleetserve-ray"
+REPORT: dict[str, object] = {}
+STATE: dict[str, object] = {}
+
+
+def ip(i: int) -> str:
+    return f"10.203.0.1{i}"
+
+
+def cli(*args: str, state: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLEETSERVE_STATE_DIR": str(state), "COLUMNS": "200"}
+    return subprocess.run([str(BIN / "fleetserve"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def replicas() -> list[dict]:
+    apps = fetch_serve_details(DASHBOARD)["applications"]
+    deployments = (apps.get(APP) or {}).get("deployments") or {}  # empty while the app is still building
+    return (deployments.get(DEPLOYMENT) or {}).get("replicas") or []
+
+
+def deploy_failed() -> bool:
+    app = fetch_serve_details(DASHBOARD)["applications"].get(APP) or {}
+    if app.get("status") == "DEPLOY_FAILED":
+        raise AssertionError(f"deploy failed: {app.get('message')}")
+    return False
+
+
+def running_on() -> list[str]:
+    """Node IPs of the RUNNING replicas (sorted)."""
+    return sorted(r["node_ip"] for r in replicas() if r["state"] == "RUNNING")
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 1.0) -> float:
+    t0 = time.monotonic()
+    while True:
+        try:
+            if pred():
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass  # the dashboard may be busy for a moment
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s; replicas: "
+                               f"{[(r['node_ip'], r['state']) for r in replicas()]}")
+        time.sleep(poll)
+
+
+def first_served_at(hostfile: Path, host_ip: str, state: Path) -> float | None:
+    """Wall-clock time of the first request a replica on ``host_ip`` answered (its Serve access log)."""
+    r = cli("exec", str(hostfile), "--host", host_ip, "--",
+            f"cat {RAY_TMP}/session_latest/logs/serve/replica_{APP}_*.log 2>/dev/null | grep -m1 -E ' CALL (chat|completions) OK '",
+            state=state, timeout=60)
+    m = re.search(r"INFO (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", r.stdout)
+    if not m:
+        return None
+    return dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def record(name: str, counts: Counts | None = None, **extra: object) -> None:
+    REPORT[name] = {**(asdict(counts) if counts else {}), **extra}
+    print(f"\n[{name}] {json.dumps(REPORT[name])}")
+    path = os.environ.get("FLEETSERVE_FLEET_REPORT")
+    if path:
+        Path(path).write_text(json.dumps(REPORT, indent=1))
+
+
+def kill_raylet(emu: HostEmulator, index: int) -> int:
+    for pid in emu.hosts[index].pids():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        except OSError:
+            pass
+    raise AssertionError(f"no raylet on host {index}")
+
+
+@pytest.fixture(scope="module")
+def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
+    """Ray on h1 + h2 (h3 has sshd only), the tiny app deployed with ``serve deploy``; down at the end."""
+    work = tmp_path_factory.mktemp("fleet")
+    state = work / "state"
+    settings = {"ray.num_cpus": "2"}
+    hf12 = three_hosts.hostfile([1, 2], slots=1, path=work / "hostfile12", settings=settings)
+    hf123 = three_hosts.hostfile([1, 2, 3], slots=1, path=work / "hostfile123", settings=settings)
+    for hf in (hf12, hf123):  # a small head: Serve's controller and ingress, never a replica
+        hf.write_text(hf.read_text().replace(f"{ip(1)} slots=1 type=EMU\n", f"{ip(1)} slots=1 type=EMU cpus=1\n"))
+    r = cli("up", str(hf12), state=state)
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = tiny_args(tiny_qwen2(), MODEL, replica_cpus=1.0, cpus_per_worker=1.0, replicas={
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 2, "downscale_delay_s": 20},
+        "max_ongoing_requests": 4,
+        "health_check_period_s": 2, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 20,
+    }, request_timeout_s=120, retry_attempts=2)
+    config = work / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        # Clients use the head's proxy; worker hosts only run replicas.
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "0.0.0.0", "port": 8000},
+        "applications": [{"name": APP, "route_prefix": "/", "import_path": "cluster.serving.app:build_app",
+                          "args": args}],
+    }, sort_keys=False))
+    try:
+        t0 = time.monotonic()
+        d = subprocess.run([str(BIN / "serve"), "deploy", str(config), "--address", DASHBOARD],
+                           capture_output=True, text=True, timeout=300)
+        assert d.returncode == 0, d.stdout + d.stderr
+        wait_for(lambda: not deploy_failed() and running_on() == [ip(2)], 900, "first replica on h2")
+        wait_healthy(BASE, 300)
+        print(f"\napp ready in {time.monotonic() - t0:.0f}s")
+        yield {"hf12": hf12, "hf123": hf123, "state": state}
+    finally:
+        st = cli("status", str(hf123), state=state, timeout=300)
+        print(st.stdout[-4000:], st.stderr[-2000:])
+        cli("down", str(hf123), state=state)
+
+
+def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: HostEmulator) -> None:
+    hf123, state = fleet["hf123"], fleet["state"]
+    with Load(BASE, MODEL, workers=3) as load:
+        # Serve wants a second replica and has no room for it: it waits, requests keep succeeding.
+        wait_for(lambda: len(replicas()) == 2, 120, "Serve asks for a second replica")
+        time.sleep(5)
+        assert running_on() == [ip(2)]
+        before = load.window()
+        t_up = time.time()
+        r = cli("up", str(hf123), "--json", state=state)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["started"] == [ip(3)]
+        t_joined = time.time()
+        wait_for(lambda: running_on() == [ip(2), ip(3)], 600, "second replica on the new host")
+        t_running = time.time()
+        wait_for(lambda: first_served_at(hf123, ip(3), state) is not None, 120, "h3 serves", poll=2)
+        t_first = first_served_at(hf123, ip(3), state)
+        time.sleep(5)
+        after = load.window()
+    total = add(before, after)
+    record("scale_out", total, seconds_up_to_node_joined=round(t_joined - t_up, 1),
+           seconds_up_to_replica_running=round(t_running - t_up, 1),
+           seconds_up_to_first_request_served_there=round(t_first - t_up, 1))
+    assert total.succeeded > 0 and total.failed == 0 and total.timeouts == 0
+    assert total.max_latency_s < CLIENT_TIMEOUT_S
+
+
+def test_2_idle_replicas_scale_down(fleet) -> None:
+    took = wait_for(lambda: len(replicas()) == 1 and len(running_on()) == 1, 300, "scale down when idle")
+    STATE["replica_host"] = running_on()[0]
+    record("scale_down", seconds_idle_to_one_replica=round(took, 1), replica_on=STATE["replica_host"])
+
+
+def test_3_drain_moves_the_replica_without_failing_requests(fleet, three_hosts: HostEmulator) -> None:
+    hf123, state = fleet["hf123"], fleet["state"]
+    drained = str(STATE["replica_host"])
+    other = ip(3) if drained == ip(2) else ip(2)
+    with Load(BASE, MODEL, workers=1) as load:
+        time.sleep(3)
+        t0 = time.time()
+        r = cli("drain", drained, str(hf123), "--timeout", "600", state=state, timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+        seconds = time.time() - t0
+        assert running_on() == [other]
+        time.sleep(3)
+        counts = load.window()
+    record("drain", counts, host=drained, seconds=round(seconds, 1), replica_now_on=other)
+    # Every request in flight finished: nothing failed, nothing had to be retried by the client.
+    assert counts.succeeded > 0 and counts.failed == 0 and counts.timeouts == 0 and counts.status_503 == 0
+    index = int(drained[-1])
+    assert "raylet" not in three_hosts.hosts[index].process_names()
+    # The drained host comes back with `up`.
+    r = cli("up", str(hf123), "--json", state=state)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["started"] == [drained]
+    STATE["replica_host"] = other
+
+
+def test_4_lost_host_costs_seconds_not_an_outage(fleet, three_hosts: HostEmulator) -> None:
+    lost = str(STATE["replica_host"])
+    spare = ip(3) if lost == ip(2) else ip(2)
+    with Load(BASE, MODEL, workers=1) as load:  # 1 in flight: the target, so Serve keeps one replica
+        time.sleep(5)
+        load.window()
+        t_kill = time.time()
+        kill_raylet(three_hosts, int(lost[-1]))
+        took = wait_for(lambda: running_on() == [spare], 900, "replica rebuilt on the remaining worker")
+        wait_healthy(BASE, 120)
+        t_recovered = time.time()
+        during = load.window()
+        time.sleep(10)
+        after = load.window()
+    events = [(round(t - t_kill, 2), s) for t, s in load.events if t >= t_kill]
+    failed_at = [t for t, s in events if s != 200]
+    record("host_killed", during, host=lost, rebuilt_on=spare, seconds_to_rebuilt_replica=round(took, 1),
+           seconds_to_recovery=round(t_recovered - t_kill, 1),
+           last_failure_after_kill_s=max(failed_at) if failed_at else None, after_recovery=asdict(after))
+    assert during.succeeded > 0 or after.succeeded > 0
+    assert during.timeouts == 0 and during.max_latency_s < CLIENT_TIMEOUT_S, "a request hung"
+    # Failures are only 503s (no replica: Retry-After given) or answers cut mid-stream.
+    assert during.status_503 == during.status_503_with_retry_after
+    assert after.failed == 0 and after.timeouts == 0 and after.succeeded > 0, "every request succeeds again"
+    st = cli("status", str(fleet["hf123"]), "--json", state=fleet["state"], timeout=300)
+    summary = json.loads(st.stdout)
+    assert st.returncode == 2 and lost in summary["missing"]  # the lost host shows as not alive
+    rows = {row["deployment"]: row for row in summary["serve_summary"]}
+    assert rows[DEPLOYMENT]["states"].get("RUNNING") == 1 and rows[DEPLOYMENT]["nodes"] == {spare: 1}
