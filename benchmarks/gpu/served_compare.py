@@ -23,8 +23,9 @@ at fixed concurrency, TTFT/TPOT from the stream, tokens from ``usage``).
 
     # on the GPU machine (see benchmarks/gpu/run_served.sh)
     python3 benchmarks/gpu/served_compare.py run --out $OUT/served.json --deadline-s 540
-    # here, from what came back: the results files + plot
-    python3 benchmarks/gpu/served_compare.py report served.json
+    # here, from what came back (one or more runs of one machine, merged): results files + plot
+    python3 benchmarks/gpu/served_compare.py report run1/served.json [run2/served.json ...] \
+        [--not-run PHASE=REASON] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -429,10 +430,37 @@ BENCH_MODES = ("stock", "gems_compiled", "gems_eager")
 NOT_RUN_32B = "not run: needs ≥2 GPUs (only 1-GPU kinds lent)"
 
 
+def merge_runs(paths: list[str]) -> dict[str, Any]:
+    """Several ``run`` outputs of one machine as one: per phase the first attempt that
+    started wins; every attempt is kept under ``attempts`` (run time, started, startup_s)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    raw = dict(runs[0])
+    phases: dict[str, Any] = {}
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for i, run in enumerate(runs):
+        for name, ph in run["phases"].items():
+            attempts.setdefault(name, []).append({
+                "run": i, "run_time": run.get("time"), "started": ph.get("started"),
+                "startup_s": ph.get("startup_s"), "skipped": ph.get("skipped"),
+                "error": (ph.get("error") or {}).get("message", "")[:300] if isinstance(ph.get("error"), dict)
+                else ph.get("error")})
+            if name not in phases or (not phases[name].get("started") and ph.get("started")):
+                phases[name] = dict(ph, run=i, run_time=run.get("time"))
+    raw["phases"] = phases
+    raw["attempts"] = attempts
+    raw["runs"] = [{"time": r.get("time"), "elapsed_s": r.get("elapsed_s"), "ray_start_s": r.get("ray_start_s"),
+                    "phases": list(r["phases"])} for r in runs]
+    return raw
+
+
 def cmd_report(a: argparse.Namespace) -> None:
-    raw = json.loads(Path(a.served_json).read_text())
+    raw = merge_runs(a.served_json)
     phases = raw["phases"]
-    common = {k: raw.get(k) for k in ("device", "versions", "host", "time", "git", "ray_start_s")}
+    for item in a.not_run:
+        name, _, why = item.partition("=")
+        if not (phases.get(name) or {}).get("started"):
+            phases[name] = {"phase": name, "skipped": why}
+    common = {k: raw.get(k) for k in ("device", "versions", "host", "time", "git", "runs")}
     modes: dict[str, Any] = {}
     for m in BENCH_MODES:
         p = phases.get(m)
@@ -449,6 +477,7 @@ def cmd_report(a: argparse.Namespace) -> None:
             "triton_ops": (fg.get("summary") or {}).get("triton_ops", []),
             "flaggems_status": (fg.get("summary") or {}).get("status"),
             "startup_s": p["startup_s"], "peak_gpu_mem_gib": p.get("peak_gpu_mem_gib"),
+            "run": p.get("run"), "attempts": raw["attempts"].get(m),
             "levels": [lv for lv in p["levels"] if "skipped" not in lv],
             "levels_skipped": [lv["concurrency"] for lv in p["levels"] if "skipped" in lv],
         }
@@ -472,7 +501,7 @@ def cmd_report(a: argparse.Namespace) -> None:
         "spec": {"file": stock.get("spec", {}).get("file"), "overrides": stock.get("spec", {}).get("overrides"),
                  "engine_args": (stock.get("args") or {}).get("engine_args"),
                  "limit_mm_per_prompt": (stock.get("args") or {}).get("limit_mm_per_prompt")},
-        "modes": modes, "ratio_vs_stock": ratios,
+        "modes": modes, "ratio_vs_stock": ratios, "notes": a.note,
         "reproduce": REPRODUCE,
     }
     out = RESULTS / "served_gpu_qwen25vl7b"
@@ -501,13 +530,13 @@ def cmd_report(a: argparse.Namespace) -> None:
             "gpu_memory_utilization": ((p.get("args") or {}).get("engine_args") or {}).get("gpu_memory_utilization"),
             "models_endpoint": v.get("models"), "text_request": v.get("text"), "image_request": v.get("image"),
             "flaggems": (p.get("flaggems") or {}).get("summary"),
-            "error": p.get("error"),
+            "error": p.get("error"), "run": p.get("run"), "attempts": raw["attempts"].get(phase),
         }
     deps["qwen25_vl (32B, TP=8, as in the file)"] = {"file": "deployments/qwen25_vl.yaml", "status": NOT_RUN_32B}
     val_out = {
         "what": "Dummy-weight validation of deployments/*.yaml through the serving path (build_app, Ray Serve, "
                 "ray.serve.llm, vLLM) on one GPU: startup, /health, one text and one image chat request",
-        **common, "deployments": deps, "reproduce": REPRODUCE,
+        **common, "deployments": deps, "reproduce": REPRODUCE, "notes": a.note,
         "note": "peak_gpu_mem_gib is the whole device's memory in use (NVML), so it mostly reflects "
                 "gpu_memory_utilization (vLLM reserves that share for weights + KV cache)",
     }
@@ -520,8 +549,9 @@ REPRODUCE = [
     "bash ../shared/gpu/make-bundle.sh   # here, once; then stage .gpu-bundle/p0..pN (device calls)",
     "python3 -m cluster.cli make-model --arch qwen2_5_vl --size 7b --out .models/served_gpu/qwen2_5_vl_7b",
     "python3 -m cluster.cli make-model --arch minicpm_o_26 --size 8b --out .models/served_gpu/minicpm_o_26_8b",
-    "device run, carry ['.models/served_gpu']: bash benchmarks/gpu/run_served.sh stock,gems_compiled,minicpm,gems_eager",
-    "python3 benchmarks/gpu/served_compare.py report <files_at>/served.json",
+    "device run (timeout_s 600), carry ['.models/served_gpu']: bash benchmarks/gpu/run_served.sh stock,gems_compiled,minicpm,gems_eager 530",
+    "device run (same machine, warm), carry ['.models/served_gpu']: bash benchmarks/gpu/run_served.sh gems_compiled 290",
+    "python3 benchmarks/gpu/served_compare.py report <files_at>/served.json [more runs' served.json]",
 ]
 
 
@@ -565,7 +595,10 @@ def main() -> None:
     r.add_argument("--qwen-dir", default=str(ROOT / ".models/served_gpu/qwen2_5_vl_7b"))
     r.add_argument("--minicpm-dir", default=str(ROOT / ".models/served_gpu/minicpm_o_26_8b"))
     p = sub.add_parser("report", help="here: results JSONs + plot from run's JSON")
-    p.add_argument("served_json")
+    p.add_argument("served_json", nargs="+", help="run outputs of one machine, merged in order")
+    p.add_argument("--not-run", action="append", default=[], metavar="PHASE=REASON",
+                   help="why a phase that did not start was not run (replaces the run's own skip text)")
+    p.add_argument("--note", action="append", default=[], help="a note to put into both results files")
     a = ap.parse_args()
     cmd_run(a) if a.cmd == "run" else cmd_report(a)
 
