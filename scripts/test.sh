@@ -3,6 +3,7 @@
 # are marked `gpu` and run on GPU hosts with `pytest -m gpu`).
 #   bash scripts/test.sh               # whole CPU suite (as root: emulated hosts too)
 #   bash scripts/test.sh -m "not slow" # fast unit tests only
+#   bash scripts/test.sh -m soak       # the long scaling/fault soak (tests/test_scaling.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh
@@ -11,4 +12,5 @@ if [ "$(id -u)" = 0 ] && [ -f scripts/setup-host-emulation.sh ]; then
   bash scripts/setup-host-emulation.sh
 fi
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -m "not gpu" "$@"
+# A later -m given by the caller replaces this one (pytest keeps the last).
+exec .venv/bin/python -m pytest -m "not gpu and not soak" "$@"

@@ -35,11 +35,12 @@ class Load:
     not a 200 counts as failed.
     """
 
-    def __init__(self, base_url: str, model: str, workers: int, max_tokens: int = 48):
+    def __init__(self, base_url: str, model: str, workers: int, max_tokens: int = 48, pause_s: float = 0.0):
         from openai import OpenAI
 
         self.client = OpenAI(base_url=f"{base_url}/v1", api_key="none", timeout=CLIENT_TIMEOUT_S, max_retries=0)
         self.model, self.workers, self.max_tokens = model, workers, max_tokens
+        self.pause_s = pause_s  # think time between one client's requests
         self.counts = Counts()
         #: (wall-clock time, final status) of every request, for timelines.
         self.events: list[tuple[float, int]] = []
@@ -106,6 +107,8 @@ class Load:
         while not self._stop.is_set():
             self.one(i)
             i += self.workers
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
 
     def __enter__(self) -> Load:
         self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(self.workers)]

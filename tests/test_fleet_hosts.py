@@ -61,6 +61,11 @@ MODEL, APP = "tiny-text", "fleet"
 DEPLOYMENT = f"FleetLLMServer:{MODEL}"
 RAY_TMP = "/run/fleetserve-ray"
 REPORT: dict[str, object] = {}
+# One client with think time. Busy-looping clients would keep the serving engine
+# at 100% of the 2 shared cores and a starting replica would crawl; instead the
+# autoscaling target is small. LIGHT: ~0.4 requests in flight on average, above
+# the target of 0.2 -> two replicas; IDLE: ~0.1, below it -> one replica.
+LIGHT_PAUSE_S, IDLE_PAUSE_S = 0.5, 2.5
 STATE: dict[str, object] = {}
 
 
@@ -107,7 +112,7 @@ def wait_for(pred, timeout: float, what: str, poll: float = 1.0) -> float:
 
 def first_served_at(hostfile: Path, host_ip: str, state: Path) -> float | None:
     """Wall-clock time of the first request a replica on ``host_ip`` answered (its Serve access log)."""
-    r = cli("exec", str(hostfile), "--host", host_ip, "--",
+    r = cli("exec", "--host", host_ip, str(hostfile), "--",
             f"cat {RAY_TMP}/session_latest/logs/serve/replica_{APP}_*.log 2>/dev/null | grep -m1 -E ' CALL (chat|completions) OK '",
             state=state, timeout=60)
     m = re.search(r"INFO (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", r.stdout)
@@ -148,7 +153,7 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
     r = cli("up", str(hf12), state=state)
     assert r.returncode == 0, r.stdout + r.stderr
     args = tiny_args(tiny_qwen2(), MODEL, replica_cpus=1.0, cpus_per_worker=1.0, replicas={
-        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.2,
                         "upscale_delay_s": 2, "downscale_delay_s": 20},
         "max_ongoing_requests": 4,
         "health_check_period_s": 2, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 20,
@@ -173,12 +178,16 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
     finally:
         st = cli("status", str(hf123), state=state, timeout=300)
         print(st.stdout[-4000:], st.stderr[-2000:])
+        # What each host's replicas said last: the first thing to read when a step failed.
+        logs = cli("exec", str(hf123), "--", f"tail -n 15 {RAY_TMP}/session_latest/logs/serve/replica_*.log "
+                   f"{RAY_TMP}/session_latest/logs/worker-*.err 2>/dev/null | tail -n 60", state=state, timeout=120)
+        print(logs.stdout[-12000:])
         cli("down", str(hf123), state=state)
 
 
 def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: HostEmulator) -> None:
     hf123, state = fleet["hf123"], fleet["state"]
-    with Load(BASE, MODEL, workers=3) as load:
+    with Load(BASE, MODEL, workers=1, max_tokens=24, pause_s=LIGHT_PAUSE_S) as load:
         # Serve wants a second replica and has no room for it: it waits, requests keep succeeding.
         wait_for(lambda: len(replicas()) == 2, 120, "Serve asks for a second replica")
         time.sleep(5)
@@ -213,7 +222,7 @@ def test_3_drain_moves_the_replica_without_failing_requests(fleet, three_hosts: 
     hf123, state = fleet["hf123"], fleet["state"]
     drained = str(STATE["replica_host"])
     other = ip(3) if drained == ip(2) else ip(2)
-    with Load(BASE, MODEL, workers=1) as load:
+    with Load(BASE, MODEL, workers=1, max_tokens=24, pause_s=IDLE_PAUSE_S) as load:
         time.sleep(3)
         t0 = time.time()
         r = cli("drain", drained, str(hf123), "--timeout", "600", state=state, timeout=900)
@@ -237,7 +246,7 @@ def test_3_drain_moves_the_replica_without_failing_requests(fleet, three_hosts: 
 def test_4_lost_host_costs_seconds_not_an_outage(fleet, three_hosts: HostEmulator) -> None:
     lost = str(STATE["replica_host"])
     spare = ip(3) if lost == ip(2) else ip(2)
-    with Load(BASE, MODEL, workers=1) as load:  # 1 in flight: the target, so Serve keeps one replica
+    with Load(BASE, MODEL, workers=1, max_tokens=24, pause_s=IDLE_PAUSE_S) as load:
         time.sleep(5)
         load.window()
         t_kill = time.time()

@@ -29,7 +29,11 @@ import pytest
 from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add
 from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
 
-pytestmark = pytest.mark.slow
+# A soak run (about 15 min on 2 cores): not in the default run, whose
+# tests/test_fleet_hosts.py covers scale-up, scale-down and losing the last
+# replica on emulated hosts, and tests/test_serving.py a killed replica.
+# Run it with: bash scripts/test.sh -m soak tests/test_scaling.py
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 PORT = 8420
 BASE = f"http://127.0.0.1:{PORT}"

@@ -176,7 +176,7 @@ def test_two_replicas_behind_one_endpoint(client):
     from ray import serve
 
     status = serve.status().applications["tiny"]
-    llm = [d for name, d in status.deployments.items() if name.startswith("LLMServer")][0]
+    llm = [d for name, d in status.deployments.items() if "LLMServer" in name][0]
     assert llm.replica_states.get("RUNNING") == 2
     with cf.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: chat(messages=[{"role": "user", "content": f"q{i}"}]).status_code,
@@ -246,6 +246,38 @@ def test_bad_requests_did_not_kill_replicas(client):
 
     test_too_many_images_is_400(client)
     status = serve.status().applications["tiny"]
-    llm = [d for name, d in status.deployments.items() if name.startswith("LLMServer")][0]
+    llm = [d for name, d in status.deployments.items() if "LLMServer" in name][0]
     assert llm.replica_states.get("RUNNING") == 2
     assert json.dumps(llm.replica_states)
+
+
+def test_killed_replica_is_restarted_while_the_other_serves(client):
+    """A replica dies under load: the ingress retries what it held, Serve starts a new one."""
+    import ray
+    from ray import serve
+
+    from cluster.serving.status import fetch_serve_details
+    from loadgen import Load
+
+    def llm_replicas() -> list[dict]:
+        deps = fetch_serve_details()["applications"]["tiny"]["deployments"]
+        return next(d for name, d in deps.items() if "LLMServer" in name)["replicas"]
+
+    victim = llm_replicas()[0]
+    with Load(BASE, MODEL, workers=2, max_tokens=16) as load:
+        time.sleep(3)
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            ids = {r["replica_id"] for r in llm_replicas() if r["state"] == "RUNNING"}
+            if len(ids) == 2 and victim["replica_id"] not in ids:
+                break
+            time.sleep(2)
+        else:
+            raise AssertionError(f"no replacement replica: {llm_replicas()}")
+        time.sleep(3)
+        counts = load.window()
+    print(f"\n[replica_killed] {counts}")
+    assert counts.succeeded > 0 and counts.failed == 0 and counts.timeouts == 0, counts
+    llm = next(d for name, d in serve.status().applications["tiny"].deployments.items() if "LLMServer" in name)
+    assert llm.replica_states.get("RUNNING") == 2

@@ -158,9 +158,19 @@ def exec_(
 
     try:
         config = load_hostfile(hostfile)
-        hosts = [config.host(h) for h in host] if host else None
+        # Options after HOSTFILE arrive here (interspersed args are off, so the
+        # command's own flags pass through untouched): take ours up to `--`.
+        while command and command[0] in ("--host", "--on-host"):
+            if command[0] == "--on-host":
+                on_host, command = True, command[1:]
+            elif len(command) > 1:
+                hosts_given = [*(host or []), command[1]]
+                host, command = hosts_given, command[2:]
+            else:
+                raise FleetserveError("--host needs a host name\n  fix: fleetserve exec HOSTFILE --host HOST -- CMD")
         if command and command[0] == "--":  # click keeps `--` when interspersed args are off
             command = command[1:]
+        hosts = [config.host(h) for h in host] if host else None
         if not command:
             raise FleetserveError("no command given\n  fix: fleetserve exec HOSTFILE -- CMD")
         cmd = command[0] if len(command) == 1 else shlex.join(command)
