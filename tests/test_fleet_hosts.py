@@ -45,7 +45,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
-from hosts.fixtures import host_emulator, three_hosts  # noqa: E402,F401
+from hosts.fixtures import host_emulator  # noqa: E402,F401
 from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy  # noqa: E402
 
@@ -61,11 +61,11 @@ MODEL, APP = "tiny-text", "fleet"
 DEPLOYMENT = f"FleetLLMServer:{MODEL}"
 RAY_TMP = "/run/fleetserve-ray"
 REPORT: dict[str, object] = {}
-# One client with think time. Busy-looping clients would keep the serving engine
+# Clients with think time. Busy-looping clients would keep the serving engine
 # at 100% of the 2 shared cores and a starting replica would crawl; instead the
-# autoscaling target is small. LIGHT: ~0.4 requests in flight on average, above
-# the target of 0.2 -> two replicas; IDLE: ~0.1, below it -> one replica.
-LIGHT_PAUSE_S, IDLE_PAUSE_S = 0.5, 2.5
+# autoscaling target is small. LIGHT (2 clients): well above the target of 0.2
+# requests in flight -> two replicas; IDLE (1 client): well below -> one.
+LIGHT_PAUSE_S, IDLE_PAUSE_S = 0.3, 3.0
 STATE: dict[str, object] = {}
 
 
@@ -141,6 +141,22 @@ def kill_raylet(emu: HostEmulator, index: int) -> int:
 
 
 @pytest.fixture(scope="module")
+def three_hosts(host_emulator: HostEmulator) -> HostEmulator:
+    """fs-h1..3 with sshd; each worker host's vLLM engine gets its own core.
+
+    vLLM's CPU backend pins a TP=1 engine to core 0 on every host it thinks it
+    owns; emulated hosts share this machine's two cores, so a replica starting
+    on h3 would share core 0 with h2's busy engine and crawl. The per-host env
+    (sshd's SetEnv -> ``ray start`` -> every worker there) pins h2 to core 0 and
+    h3 to core 1, as separate machines would be.
+    """
+    host_emulator.add_host(1)
+    host_emulator.add_host(2, env={"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    host_emulator.add_host(3, env={"VLLM_CPU_OMP_THREADS_BIND": "1"})
+    return host_emulator
+
+
+@pytest.fixture(scope="module")
 def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
     """Ray on h1 + h2 (h3 has sshd only), the tiny app deployed with ``serve deploy``; down at the end."""
     work = tmp_path_factory.mktemp("fleet")
@@ -158,6 +174,9 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
         "max_ongoing_requests": 4,
         "health_check_period_s": 2, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 20,
     }, request_timeout_s=120, retry_attempts=2)
+    # Idle OpenMP threads sleep instead of spinning: an engine between requests
+    # must leave the shared cores to a replica that is starting.
+    args["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] = "PASSIVE"
     config = work / "serve.yaml"
     config.write_text(yaml.safe_dump({
         # Clients use the head's proxy; worker hosts only run replicas.
@@ -187,7 +206,7 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
 
 def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: HostEmulator) -> None:
     hf123, state = fleet["hf123"], fleet["state"]
-    with Load(BASE, MODEL, workers=1, max_tokens=24, pause_s=LIGHT_PAUSE_S) as load:
+    with Load(BASE, MODEL, workers=2, max_tokens=24, pause_s=LIGHT_PAUSE_S) as load:
         # Serve wants a second replica and has no room for it: it waits, requests keep succeeding.
         wait_for(lambda: len(replicas()) == 2, 120, "Serve asks for a second replica")
         time.sleep(5)

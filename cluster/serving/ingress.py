@@ -41,6 +41,9 @@ logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 5
 #: How often the ingress refreshes replica states from Serve's controller.
 REPLICA_POLL_S = 1.0
+#: Replica states that take requests: a replica being migrated off a drained node
+#: keeps serving until its replacement runs.
+SERVING_STATES = ("RUNNING", "PENDING_MIGRATION")
 
 
 def _error(code: int, message: str, err_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -201,7 +204,7 @@ class FleetIngress(OpenAiIngress):
                 if time.monotonic() >= deadline:
                     raise _Timeout()
                 # No replica running or draining: the request can only be queued in the router.
-                if self._replicas(model_id, "RUNNING", "STOPPING") == 0:
+                if self._replicas(model_id, *SERVING_STATES, "STOPPING") == 0:
                     raise _NoReplica()
         finally:
             if not task.done():
@@ -232,7 +235,7 @@ class FleetIngress(OpenAiIngress):
         model_id = getattr(body, "model", None)
         attempt = 0
         while True:
-            if self._replicas(model_id, "RUNNING") == 0:
+            if self._replicas(model_id, *SERVING_STATES) == 0:
                 # Starting a vLLM replica takes minutes: waiting here would be the hang.
                 return self._unavailable("no running replica")
             try:
