@@ -274,7 +274,7 @@ def _parse_host_line(text: str, lineno: int, source: str, errors: list[ConfigErr
                 what = {"slots": "the number of GPUs on the host", "port": "the SSH port",
                         "cpus": "the logical CPUs Ray offers there"}[key]
                 errors.append(ConfigError(source, where, f"{key}={value!r} is not a whole number",
-                                          f"set {key}= to {what}, e.g. {key}={8 if key == 'slots' else 22}"))
+                                          f"set {key}= to {what}, e.g. {key}={dict(slots=8, port=22, cpus=64)[key]}"))
                 continue
             fields[field] = int(value)
             continue

@@ -232,7 +232,10 @@ while True:
     if not here:
         break
     if time.monotonic() - t0 > args["timeout"]:
-        result(error=f"replicas still on the node after {args['timeout']:.0f}s: {' '.join(here)}", node_id=node_id)
+        result(error=f"replicas still on the node after {args['timeout']:.0f}s: {' '.join(here)}", node_id=node_id,
+               fix="the node stays marked draining (nothing new lands there) and keeps serving what it has; "
+                   "run drain again with a longer --timeout, or check why the replacements do not start "
+                   "(fleetserve status)")
     time.sleep(1)
 result(node_id=node_id, seconds=round(time.monotonic() - t0, 2), split=split)
 """

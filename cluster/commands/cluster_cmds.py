@@ -164,8 +164,7 @@ def exec_(
             if command[0] == "--on-host":
                 on_host, command = True, command[1:]
             elif len(command) > 1:
-                hosts_given = [*(host or []), command[1]]
-                host, command = hosts_given, command[2:]
+                host, command = [*(host or []), command[1]], command[2:]
             else:
                 raise FleetserveError("--host needs a host name\n  fix: fleetserve exec HOSTFILE --host HOST -- CMD")
         if command and command[0] == "--":  # click keeps `--` when interspersed args are off
