@@ -169,7 +169,7 @@ def test_4_no_live_replica_gives_503_with_retry_after_not_a_hang(app):
         codes.append(r.status_code)
         if r.status_code == 503:
             retry_after.append(r.headers.get("retry-after"))
-            assert "no replica" in r.json()["message"]
+            assert "no replica" in r.json()["error"]["message"]
         time.sleep(0.5)
     REPORT["no_replica"] = {"codes": {str(c): codes.count(c) for c in set(codes)},
                             "max_latency_s": round(max(latencies), 2)}
