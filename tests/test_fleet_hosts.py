@@ -219,8 +219,16 @@ def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: Host
         t_joined = time.time()
         wait_for(lambda: running_on() == [ip(2), ip(3)], 600, "second replica on the new host")
         t_running = time.time()
-        wait_for(lambda: first_served_at(hf123, ip(3), state) is not None, 120, "h3 serves", poll=2)
-        t_first = first_served_at(hf123, ip(3), state)
+        served: list[float] = []  # filled by the poll: one SSH round-trip per try, none after
+
+        def h3_served() -> bool:
+            t = first_served_at(hf123, ip(3), state)
+            if t is not None:
+                served.append(t)
+            return bool(served)
+
+        wait_for(h3_served, 120, "h3 serves", poll=2)
+        t_first = served[0]
         time.sleep(5)
         after = load.window()
     total = add(before, after)
