@@ -194,3 +194,22 @@ def test_node_env_applies_to_the_whole_start_command() -> None:
     rc = cluster()
     cmd = rc._in_node("mkdir -p /x && ray start", env={"A": "1 2"})
     assert shlex.split(cmd) == ["env", "A=1 2", "sh", "-c", "mkdir -p /x && ray start"]
+
+
+def test_serve_summary_after_a_lost_host() -> None:
+    """A replica still STOPPING on a dead node is counted in states, not as a node holding replicas."""
+    from cluster.serving.status import summarize
+
+    replicas = [
+        {"replica_id": "a", "state": "RUNNING", "node_ip": "10.0.0.3"},
+        {"replica_id": "b", "state": "STOPPING", "node_ip": None},  # its host is gone
+        {"replica_id": "c", "state": "STARTING", "node_ip": "10.0.0.4"},
+    ]
+    details = {"applications": {"app": {"deployments": {"LLM": {
+        "status": "UPSCALING", "target_num_replicas": 2, "replicas": replicas,
+        "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3,
+                                                     "target_ongoing_requests": 2}}}}}}}
+    (row,) = summarize(details)
+    assert row.states == {"RUNNING": 1, "STOPPING": 1, "STARTING": 1}
+    assert row.nodes == {"10.0.0.3": 1, "10.0.0.4": 1}
+    assert row.running_replicas == 1 and row.autoscaling == "1..3 @2"

@@ -48,6 +48,7 @@ class DeploymentSummary:
     status: str
     target: int
     states: dict[str, int]
+    #: node IP -> replicas there that are not stopping
     nodes: dict[str, int]
     autoscaling: str
     message: str = ""
@@ -131,7 +132,10 @@ def summarize(details: dict[str, Any], loads: dict[str, ReplicaLoad] | None = No
         for dep_name, dep in sorted((app.get("deployments") or {}).items()):
             replicas = dep.get("replicas") or []
             states = collections.Counter(str(r.get("state")) for r in replicas)
-            nodes = collections.Counter(r.get("node_ip") or "?" for r in replicas)
+            # Where the live replicas are: a STOPPING one is on its way out (and after a lost
+            # host it has no node left to name); the states column still counts it.
+            nodes = collections.Counter(r.get("node_ip") or "?" for r in replicas
+                                        if r.get("state") != "STOPPING")
             cfg = dep.get("deployment_config") or {}
             auto = cfg.get("autoscaling_config")
             autoscaling = (f"{auto.get('min_replicas')}..{auto.get('max_replicas')} "
