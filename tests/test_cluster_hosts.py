@@ -9,7 +9,6 @@ start`` fails there, via a sitecustomize on its PYTHONPATH).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
-from hosts.fixtures import host_emulator, three_hosts  # noqa: E402,F401
+from hosts.fixtures import cli, host_emulator, three_hosts  # noqa: E402,F401
 
 from cluster.hosts import load_hostfile  # noqa: E402
 from cluster.raycluster import ClusterError, RayCluster  # noqa: E402
@@ -27,7 +26,6 @@ from cluster.serving.placement import check_stage_locality  # noqa: E402
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow, pytest.mark.timeout(900)]
 
-FLEETSERVE = Path(sys.executable).parent / "fleetserve"
 RAY_PROCS = {"raylet", "gcs_server"}
 
 
@@ -54,11 +52,6 @@ def wait_no_ray(emu: HostEmulator, indices: list[int], timeout: float = 30) -> N
         time.sleep(0.5)
     left = {i: ray_running(emu, i) for i in indices if ray_running(emu, i)}
     raise AssertionError(f"Ray still running after a failed up: {left}")
-
-
-def cli(*args: str, state: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLEETSERVE_STATE_DIR": str(state), "COLUMNS": "200"}
-    return subprocess.run([str(FLEETSERVE), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")

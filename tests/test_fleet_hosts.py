@@ -13,11 +13,14 @@ where a TP group fills a host. The steps run in order against one cluster:
    replica and has nowhere to put it; h3 is added to the hostfile and
    ``fleetserve up`` brings it in -> the second replica lands on h3. Measured:
    seconds from ``up`` to h3's first served request.
-2. idle -> back to one replica.
-3. ``fleetserve drain`` the host holding it, under load -> Serve moves the
+2. the raylet of h3 is killed under load while h2 holds the other replica ->
+   the ingress retries on h2 what h3 could not answer, no request fails;
+   ``fleetserve up`` brings h3 back.
+3. idle -> back to one replica.
+4. ``fleetserve drain`` the host holding it, under load -> Serve moves the
    replica to the other worker (replacement first) and no request fails;
    ``fleetserve up`` brings the drained host back.
-4. the raylet of the host holding the replica is killed under load -> clients
+5. the raylet of the host holding the only replica is killed under load -> clients
    get 503 + Retry-After while no replica can take requests (never a hang), the
    replica is rebuilt on the remaining worker, and every request succeeds again.
 
@@ -45,7 +48,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
-from hosts.fixtures import host_emulator  # noqa: E402,F401
+from hosts.fixtures import cli, host_emulator  # noqa: E402,F401
 from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy  # noqa: E402
 
@@ -71,11 +74,6 @@ STATE: dict[str, object] = {}
 
 def ip(i: int) -> str:
     return f"10.203.0.1{i}"
-
-
-def cli(*args: str, state: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLEETSERVE_STATE_DIR": str(state), "COLUMNS": "200"}
-    return subprocess.run([str(BIN / "fleetserve"), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def replicas() -> list[dict]:
@@ -129,6 +127,11 @@ def record(name: str, counts: Counts | None = None, **extra: object) -> None:
         Path(path).write_text(json.dumps(REPORT, indent=1))
 
 
+def ingress_retries() -> int:
+    """Requests the ingress re-sent to another replica so far (its counters in /health)."""
+    return int(httpx.get(f"{BASE}/health", timeout=30).json()["ingress"]["retried"])
+
+
 def kill_raylet(emu: HostEmulator, index: int) -> int:
     for pid in emu.hosts[index].pids():
         try:
@@ -162,10 +165,10 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("fleet")
     state = work / "state"
     settings = {"ray.num_cpus": "2"}
-    hf12 = three_hosts.hostfile([1, 2], slots=1, path=work / "hostfile12", settings=settings)
-    hf123 = three_hosts.hostfile([1, 2, 3], slots=1, path=work / "hostfile123", settings=settings)
-    for hf in (hf12, hf123):  # a small head: Serve's controller and ingress, never a replica
-        hf.write_text(hf.read_text().replace(f"{ip(1)} slots=1 type=EMU\n", f"{ip(1)} slots=1 type=EMU cpus=1\n"))
+    small_head = {1: "cpus=1"}  # Serve's controller and ingress, never a replica
+    hf12 = three_hosts.hostfile([1, 2], slots=1, path=work / "hostfile12", settings=settings, host_keys=small_head)
+    hf123 = three_hosts.hostfile([1, 2, 3], slots=1, path=work / "hostfile123", settings=settings,
+                                 host_keys=small_head)
     r = cli("up", str(hf12), state=state)
     assert r.returncode == 0, r.stdout + r.stderr
     args = tiny_args(tiny_qwen2(), MODEL, replica_cpus=1.0, cpus_per_worker=1.0, replicas={
@@ -239,13 +242,39 @@ def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: Host
     assert total.max_latency_s < CLIENT_TIMEOUT_S
 
 
-def test_2_idle_replicas_scale_down(fleet) -> None:
+def test_2_lost_host_with_a_second_replica_fails_no_request(fleet, three_hosts: HostEmulator) -> None:
+    """h3's raylet dies under load while h2 holds the other replica: the ingress retries what h3
+    could not answer on h2, so clients see no failure; ``fleetserve up`` brings h3 back."""
+    hf123, state = fleet["hf123"], fleet["state"]
+    with Load(BASE, MODEL, workers=2, max_tokens=24, pause_s=LIGHT_PAUSE_S) as load:
+        wait_for(lambda: running_on() == [ip(2), ip(3)], 60, "two replicas before the kill")
+        time.sleep(3)
+        load.window()
+        retried_before = ingress_retries()
+        kill_raylet(three_hosts, 3)
+        took = wait_for(lambda: ip(3) not in {r["node_ip"] for r in replicas() if r["state"] == "RUNNING"},
+                        300, "Serve drops the lost replica")
+        time.sleep(10)
+        during = load.window()
+        retried_by_ingress = ingress_retries() - retried_before
+        t_up = time.time()
+        r = cli("up", str(hf123), "--json", state=state)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["started"] == [ip(3)]
+        seconds_up = time.time() - t_up
+    record("host_killed_with_second_replica", during, host=ip(3), seconds_to_replica_dropped=round(took, 1),
+           retried_by_ingress=retried_by_ingress, seconds_up_to_rejoin=round(seconds_up, 1))
+    assert during.succeeded > 0 and during.failed == 0 and during.timeouts == 0, "no request failed"
+    assert during.max_latency_s < CLIENT_TIMEOUT_S
+
+
+def test_3_idle_replicas_scale_down(fleet) -> None:
     took = wait_for(lambda: len(replicas()) == 1 and len(running_on()) == 1, 300, "scale down when idle")
     STATE["replica_host"] = running_on()[0]
     record("scale_down", seconds_idle_to_one_replica=round(took, 1), replica_on=STATE["replica_host"])
 
 
-def test_3_drain_moves_the_replica_without_failing_requests(fleet, three_hosts: HostEmulator) -> None:
+def test_4_drain_moves_the_replica_without_failing_requests(fleet, three_hosts: HostEmulator) -> None:
     hf123, state = fleet["hf123"], fleet["state"]
     drained = str(STATE["replica_host"])
     other = ip(3) if drained == ip(2) else ip(2)
@@ -270,7 +299,7 @@ def test_3_drain_moves_the_replica_without_failing_requests(fleet, three_hosts: 
     STATE["replica_host"] = other
 
 
-def test_4_lost_host_costs_seconds_not_an_outage(fleet, three_hosts: HostEmulator) -> None:
+def test_5_lost_host_costs_seconds_not_an_outage(fleet, three_hosts: HostEmulator) -> None:
     lost = str(STATE["replica_host"])
     spare = ip(3) if lost == ip(2) else ip(2)
     with Load(BASE, MODEL, workers=1, max_tokens=24, pause_s=IDLE_PAUSE_S) as load:

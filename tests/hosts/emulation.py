@@ -217,11 +217,16 @@ class HostEmulator:
         self.known_hosts.write_text("".join(h.host_key_line() + "\n" for h in self.hosts.values()))
 
     def hostfile(self, indices: list[int] | None = None, slots: int = 2, extra_hosts: list[str] = (),
-                 settings: dict[str, str] | None = None, path: Path | None = None) -> Path:
-        """Write a hostfile for (some of) the hosts; returns its path."""
-        chosen = [self.hosts[i] for i in (indices if indices is not None else sorted(self.hosts))]
+                 settings: dict[str, str] | None = None, path: Path | None = None,
+                 host_keys: dict[int, str] | None = None) -> Path:
+        """Write a hostfile for (some of) the hosts; returns its path.
+
+        ``host_keys`` adds per-host keys to a host's line, e.g. ``{1: "cpus=1"}``.
+        """
+        chosen = [(i, self.hosts[i]) for i in (indices if indices is not None else sorted(self.hosts))]
+        host_keys = host_keys or {}
         lines = [f"# emulated hosts ({self.bridge}, {self.subnet}.0/24); written by tests/hosts/emulation.py"]
-        lines += [f"{h.ip} slots={slots} type=EMU" for h in chosen]
+        lines += [f"{h.ip} slots={slots} type=EMU {host_keys.get(i, '')}".rstrip() for i, h in chosen]
         lines += list(extra_hosts)
         lines += ["", "[cluster]"]
         merged = default_settings(self)

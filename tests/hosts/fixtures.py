@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +13,13 @@ import pytest
 from .emulation import HostEmulator, missing_requirements
 
 WORKDIR = Path("/tmp/fleetserve-hosts-test")
+FLEETSERVE = Path(sys.executable).parent / "fleetserve"
+
+
+def cli(*args: str, state: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the ``fleetserve`` CLI as a user would, with its state (last hostfile, cluster) under ``state``."""
+    env = {**os.environ, "FLEETSERVE_STATE_DIR": str(state), "COLUMNS": "200"}
+    return subprocess.run([str(FLEETSERVE), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def require_emulation() -> None:
