@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import httpx
 
 #: No request may wait longer than this; a timeout counts and fails the tests.
 CLIENT_TIMEOUT_S = 60.0
@@ -133,3 +136,26 @@ def add(*windows: Counts) -> Counts:
         for k, v in w.errors.items():
             total.errors[k] = total.errors.get(k, 0) + v
     return total
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, poll: float = 1.0,
+             state: Callable[[], object] = lambda: "") -> float:
+    """Poll ``pred`` until true; return the seconds it took. On timeout, say ``what`` and ``state()``.
+
+    An HTTP error while polling (a dashboard or controller busy for a moment) counts as not yet.
+    """
+    t0 = time.monotonic()
+    while True:
+        try:
+            if pred():
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s; {state()}")
+        time.sleep(poll)
+
+
+def ingress_counters(base_url: str) -> dict[str, int]:
+    """The ingress's request counters (requests, retried, rejected, unavailable, timed_out) from /health."""
+    return httpx.get(f"{base_url}/health", timeout=30).json().get("ingress", {})

@@ -42,14 +42,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import cli, host_emulator  # noqa: E402,F401
-from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add  # noqa: E402
+import loadgen  # noqa: E402
+from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add, ingress_counters  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy  # noqa: E402
 
 from cluster.serving.status import fetch_serve_details  # noqa: E402
@@ -95,17 +95,8 @@ def running_on() -> list[str]:
 
 
 def wait_for(pred, timeout: float, what: str, poll: float = 1.0) -> float:
-    t0 = time.monotonic()
-    while True:
-        try:
-            if pred():
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass  # the dashboard may be busy for a moment
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f}s; replicas: "
-                               f"{[(r['node_ip'], r['state']) for r in replicas()]}")
-        time.sleep(poll)
+    return loadgen.wait_for(pred, timeout, what, poll,
+                            state=lambda: f"replicas: {[(r['node_ip'], r['state']) for r in replicas()]}")
 
 
 def first_served_at(hostfile: Path, host_ip: str, state: Path) -> float | None:
@@ -125,11 +116,6 @@ def record(name: str, counts: Counts | None = None, **extra: object) -> None:
     path = os.environ.get("FLEETSERVE_FLEET_REPORT")
     if path:
         Path(path).write_text(json.dumps(REPORT, indent=1))
-
-
-def ingress_retries() -> int:
-    """Requests the ingress re-sent to another replica so far (its counters in /health)."""
-    return int(httpx.get(f"{BASE}/health", timeout=30).json()["ingress"]["retried"])
 
 
 def kill_raylet(emu: HostEmulator, index: int) -> int:
@@ -250,13 +236,13 @@ def test_2_lost_host_with_a_second_replica_fails_no_request(fleet, three_hosts: 
         wait_for(lambda: running_on() == [ip(2), ip(3)], 60, "two replicas before the kill")
         time.sleep(3)
         load.window()
-        retried_before = ingress_retries()
+        retried_before = ingress_counters(BASE)["retried"]
         kill_raylet(three_hosts, 3)
         took = wait_for(lambda: ip(3) not in {r["node_ip"] for r in replicas() if r["state"] == "RUNNING"},
                         300, "Serve drops the lost replica")
         time.sleep(10)
         during = load.window()
-        retried_by_ingress = ingress_retries() - retried_before
+        retried_by_ingress = ingress_counters(BASE)["retried"] - retried_before
         t_up = time.time()
         r = cli("up", str(hf123), "--json", state=state)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -26,7 +26,8 @@ from dataclasses import asdict
 import httpx
 import pytest
 
-from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add
+import loadgen
+from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add, ingress_counters
 from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
 
 # A soak run (about 15 min on 2 cores): not in the default run, whose
@@ -54,19 +55,9 @@ def running() -> list[dict]:
     return [r for r in llm_replicas() if str(r["state"]) == "RUNNING"]
 
 
-def wait_for(pred, timeout: float, what: str, poll: float = 2.0) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f}s; replicas: "
-                               f"{[(r['replica_id'], r['state']) for r in llm_replicas()]}")
-        time.sleep(poll)
-    return time.monotonic() - t0
-
-
-def ingress_counters() -> dict:
-    r = httpx.get(f"{BASE}/health", timeout=30)
-    return r.json().get("ingress", {})
+def wait_for(pred, timeout: float, what: str) -> float:
+    return loadgen.wait_for(pred, timeout, what, poll=2.0,
+                            state=lambda: f"replicas: {[(r['replica_id'], r['state']) for r in llm_replicas()]}")
 
 
 def record(name: str, counts: Counts, **extra: object) -> None:
@@ -120,7 +111,7 @@ def test_1_scales_up_under_load(app):
 
 
 def test_2_killed_replica_is_restarted_while_the_other_serves(app):
-    before_ingress = ingress_counters()
+    before_ingress = ingress_counters(BASE)
     replicas = running()
     assert len(replicas) == 2
     victim, survivor = replicas
@@ -136,7 +127,7 @@ def test_2_killed_replica_is_restarted_while_the_other_serves(app):
         took = wait_for(lambda: len(running()) >= 2 or (len(running()) == 1 and running()[0]["replica_id"]
                         != survivor["replica_id"]), 900, "killed replica replaced")
         during_restart = load.window()
-    after_ingress = ingress_counters()
+    after_ingress = ingress_counters(BASE)
     ingress_retried = after_ingress.get("retried", 0) - before_ingress.get("retried", 0)
     total = add(during, during_restart)
     record("replica_killed", total, ingress_retried=ingress_retried,
