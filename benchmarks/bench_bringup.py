@@ -108,6 +108,11 @@ def bench_ray_up(emu: HostEmulator, n: int, timeout: float) -> dict:
         hf = emu.hostfile(list(range(1, n + 1)), path=WORKDIR / f"hostfile-{n}")
         with RayCluster(load_hostfile(hf)) as rc:
             joined = wait_joined(rc, n, timeout)
+            if joined is None:
+                # The launcher's autoscaler on the head starts the workers: its log says why they did not join.
+                log = rc.pool.run(rc.head, "tail -n 25 /run/fleetserve-ray/session_latest/logs/monitor.log "
+                                  "/run/fleetserve-ray/session_latest/logs/monitor.err 2>&1", timeout=60)
+                out["autoscaler_log_tail"] = log.stdout.strip().splitlines()[-25:]
         out["all_joined_s"] = round(time.monotonic() - t0, 2) if joined is not None else None
     t1 = time.monotonic()
     d = subprocess.run([str(VENV / "ray"), "down", "-y", str(cfg_path)], capture_output=True, text=True, env=env,
