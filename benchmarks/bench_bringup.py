@@ -72,8 +72,11 @@ def bench_fleetserve(emu: HostEmulator, n: int) -> dict:
     return marks
 
 
-def ray_up_config(emu: HostEmulator, n: int) -> dict:
+def ray_up_config(emu: HostEmulator, n: int, autoscaler: str = "default") -> dict:
     ray = str(VENV / "ray")
+    # Ray 2.58's default autoscaler (v2) counts the head among the local provider's one node type
+    # and so starts one worker fewer than listed; "v1" runs the head with the older autoscaler.
+    head_env = "RAY_enable_autoscaler_v2=0 " if autoscaler == "v1" else ""
     common = "--num-gpus=2 --num-cpus=4 --temp-dir=/run/fleetserve-ray --object-store-memory=104857600 --disable-usage-stats"
     head = emu.hosts[1]
     return {
@@ -84,7 +87,7 @@ def ray_up_config(emu: HostEmulator, n: int) -> dict:
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
         "head_setup_commands": [], "worker_setup_commands": [],
-        "head_start_ray_commands": [f"{ray} stop", f"mkdir -p /run/fleetserve-ray && ulimit -n 65536; {ray} start --head "
+        "head_start_ray_commands": [f"{ray} stop", f"mkdir -p /run/fleetserve-ray && ulimit -n 65536; {head_env}{ray} start --head "
                                     f"--port=6379 --node-ip-address={head.ip} "
                                     f"--autoscaling-config=~/ray_bootstrap_config.yaml {common}"],
         "worker_start_ray_commands": [f"{ray} stop", f"mkdir -p /run/fleetserve-ray && ulimit -n 65536; {ray} start "
@@ -92,9 +95,9 @@ def ray_up_config(emu: HostEmulator, n: int) -> dict:
     }
 
 
-def bench_ray_up(emu: HostEmulator, n: int, timeout: float) -> dict:
+def bench_ray_up(emu: HostEmulator, n: int, timeout: float, autoscaler: str = "default") -> dict:
     cfg_path = WORKDIR / f"ray-up-{n}.yaml"
-    cfg_path.write_text(yaml.safe_dump(ray_up_config(emu, n)))
+    cfg_path.write_text(yaml.safe_dump(ray_up_config(emu, n, autoscaler)))
     env = {**os.environ, "PATH": f"{VENV}:{os.environ['PATH']}"}
     out: dict = {}
     t0 = time.monotonic()
@@ -151,7 +154,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-hosts", type=int, default=4)
     parser.add_argument("--no-ray-up", action="store_true")
+    parser.add_argument("--sizes", help="comma-separated host counts instead of 1..--max-hosts")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--ray-autoscaler", choices=["default", "v1"], default="default",
+                        help="autoscaler on the ray up head (v1: RAY_enable_autoscaler_v2=0)")
+    parser.add_argument("--out", default="bringup", help="results name under benchmarks/results/")
     args = parser.parse_args()
     why = missing_requirements()
     if why:
@@ -169,7 +176,8 @@ def main() -> int:
         "method": "fresh emulated hosts per size; slots=2 logical GPUs, num_cpus=4; wall time of one bring-up each",
         "runs": [],
     }
-    for n in range(1, args.max_hosts + 1):
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else range(1, args.max_hosts + 1)
+    for n in sizes:
         emu = HostEmulator(WORKDIR)
         try:
             emu.teardown()
@@ -181,16 +189,17 @@ def main() -> int:
             print(f"{n} host(s): fleetserve {row['fleetserve']}", flush=True)
             if ray_up_note is None:
                 try:
-                    row["ray_up"] = bench_ray_up(emu, n, args.timeout)
+                    row["ray_up"] = bench_ray_up(emu, n, args.timeout, args.ray_autoscaler)
                 except subprocess.TimeoutExpired as exc:
                     row["ray_up"] = {"error": f"timed out after {exc.timeout}s"}
                 print(f"{n} host(s): ray up {row['ray_up']}", flush=True)
             results["runs"].append(row)
         finally:
             emu.teardown()
-    results["ray_up"] = ray_up_note or "Ray cluster launcher, provider: local, same hosts and ray start flags"
-    (RESULTS / "bringup.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / "bringup.png")
+    results["ray_up"] = ray_up_note or ("Ray cluster launcher, provider: local, same hosts and ray start flags, "
+                                        f"autoscaler on the head: {args.ray_autoscaler}")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / f"{args.out}.png")
     print(json.dumps(results, indent=2))
     return 0
 
