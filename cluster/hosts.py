@@ -232,6 +232,14 @@ def _suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+#: Host-line keys that take a whole number: what they mean and an example, for the error's fix.
+WHOLE_NUMBER_KEYS = {
+    "slots": ("the number of GPUs on the host", 8),
+    "port": ("the SSH port", 22),
+    "cpus": ("the logical CPUs Ray offers there", 64),
+}
+
+
 def _parse_host_line(text: str, lineno: int, source: str, errors: list[ConfigError]) -> Host | None:
     where = f"line {lineno}"
     tokens = text.split()
@@ -269,12 +277,11 @@ def _parse_host_line(text: str, lineno: int, source: str, errors: list[ConfigErr
                 continue
             fields["head"] = value.lower() in ("true", "1", "yes")
             continue
-        if key in ("slots", "port", "cpus"):
+        if key in WHOLE_NUMBER_KEYS:
             if not value.isdigit() or len(value) > 7:
-                what = {"slots": "the number of GPUs on the host", "port": "the SSH port",
-                        "cpus": "the logical CPUs Ray offers there"}[key]
+                what, example = WHOLE_NUMBER_KEYS[key]
                 errors.append(ConfigError(source, where, f"{key}={value!r} is not a whole number",
-                                          f"set {key}= to {what}, e.g. {key}={dict(slots=8, port=22, cpus=64)[key]}"))
+                                          f"set {key}= to {what}, e.g. {key}={example}"))
                 continue
             fields[field] = int(value)
             continue
