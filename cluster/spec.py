@@ -13,6 +13,7 @@ a model path or switch to dummy weights from the environment.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -49,17 +50,31 @@ SPEC_OWNED_ENGINE_ARGS = {
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(value: Any, environ: dict[str, str] | None = None) -> Any:
-    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree."""
+class UnresolvedReference(KeyError):
+    """A ``${VAR}`` that cannot be resolved where the expansion runs."""
+
+    def __init__(self, name: str, has_default: bool):
+        super().__init__(name)
+        self.name, self.has_default = name, has_default
+
+
+def expand_env(value: Any, environ: dict[str, str] | None = None, defaults_allowed: bool = True) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree.
+
+    ``defaults_allowed=False`` is for expansion inside the Ray cluster (Serve
+    builds a config file's apps in a cluster task): there a default stands in
+    for a variable the user may well have set in the shell that ran ``serve
+    run``, so taking it would silently serve something else.
+    """
     env = os.environ if environ is None else environ
     if isinstance(value, str):
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
             if name in env and env[name] != "":
                 return env[name]
-            if default is not None:
+            if default is not None and defaults_allowed:
                 return default
-            raise KeyError(name)
+            raise UnresolvedReference(name, default is not None)
 
         full = _ENV_REF.fullmatch(value)
         out = _ENV_REF.sub(sub, value)
@@ -67,10 +82,21 @@ def expand_env(value: Any, environ: dict[str, str] | None = None) -> Any:
         # again so booleans and numbers keep their type.
         return yaml.safe_load(out) if full and out.strip() else out
     if isinstance(value, dict):
-        return {k: expand_env(v, env) for k, v in value.items()}
+        return {k: expand_env(v, env, defaults_allowed) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, env) for v in value]
+        return [expand_env(v, env, defaults_allowed) for v in value]
     return value
+
+
+def has_env_refs(value: Any) -> bool:
+    """Whether any string in a YAML tree still holds a ``${VAR}`` reference."""
+    if isinstance(value, str):
+        return _ENV_REF.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_env_refs(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_env_refs(v) for v in value)
+    return False
 
 
 class _Strict(BaseModel):
@@ -125,10 +151,20 @@ class Replicas(_Strict):
 
     num_replicas: int | None = Field(default=None, ge=1)
     autoscaling: Autoscaling | None = None
-    max_ongoing_requests: int = Field(default=64, ge=1)
+    max_ongoing_requests: int | None = Field(
+        default=None, ge=1,
+        description="Requests Serve admits into one replica; default: what its engine batches (max_num_seqs).",
+    )
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    startup_attempts: int = Field(
+        default=2, ge=1,
+        description="Replica starts Serve tries before it marks the deployment DEPLOY_FAILED and stops trying.",
+    )
+    startup_timeout_s: float = Field(
+        default=1800.0, gt=0, description="A replica whose engine is not up by then fails (and counts as an attempt).",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> Replicas:
@@ -136,9 +172,12 @@ class Replicas(_Strict):
             raise ValueError("give either num_replicas or autoscaling, not both")
         return self
 
-    def deployment_config(self) -> dict[str, Any]:
+    def deployment_config(self, engine_batch: int) -> dict[str, Any]:
+        """Serve's deployment options; ``engine_batch``: how many sequences the engine batches."""
         cfg: dict[str, Any] = {
-            "max_ongoing_requests": self.max_ongoing_requests,
+            # Fewer would cap the engine's batch below what it can run (measured: 78% of plain vLLM at c=128).
+            "max_ongoing_requests": self.max_ongoing_requests or engine_batch,
+            "max_constructor_retry_count": self.startup_attempts,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
@@ -207,7 +246,6 @@ class DeploymentSpec(_Strict):
     placement_strategy: Literal["auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "auto"
     replicas: Replicas = Field(default_factory=Replicas)
     limit_mm_per_prompt: dict[str, int] = Field(default_factory=dict)
-    max_images_per_request: int | None = Field(default=None, description="Derived from limit_mm_per_prompt.image.")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     engine_args: dict[str, Any] = Field(default_factory=dict)
     runtime_env: dict[str, Any] = Field(default_factory=dict)
@@ -258,12 +296,21 @@ class DeploymentSpec(_Strict):
         return value
 
     @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    @property
     def served_name(self) -> str:
         return self.model.name
+
+    @property
+    def engine_batch(self) -> int:
+        """Sequences one engine batches: ``max_num_seqs``, else vLLM 0.26's default for the accelerator.
+
+        vLLM's API-server default is 1024 on >= 70 GiB GPUs (H100/H200), 256 on
+        smaller ones and 128 x world size on CPU; on GPU the larger is taken, since
+        admitting more than the engine batches only queues them in the engine.
+        """
+        if self.engine_args.get("max_num_seqs"):
+            return int(self.engine_args["max_num_seqs"])
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        return 128 * world if self.accelerator == "CPU" else 1024
 
 
 class ServingArgs(_Strict):
@@ -287,20 +334,33 @@ class ServingArgs(_Strict):
 _SERVING_KEYS = {"ingress_replicas", "request_timeout_s", "retry_attempts"}
 
 
-def load_serving_args(args: dict[str, Any], source: str | Path | None = None, key_prefix: str = "args.") -> ServingArgs:
+def load_serving_args(
+    args: dict[str, Any], source: str | Path | None = None, key_prefix: str = "args.", in_cluster: bool = False
+) -> ServingArgs:
     """Validate a Serve application's ``args`` into :class:`ServingArgs`.
 
     A single-model ``args`` (the common case) is the spec itself; ``models:``
     holds several. Every problem is reported with its file and dotted key.
+    ``in_cluster``: the args are being built inside the Ray cluster (see
+    :func:`expand_env`), where ``${VAR:-default}`` may not fall back.
     """
     if not isinstance(args, dict):
         raise ConfigError(source, key_prefix.rstrip("."), "must be a mapping", "write the deployment spec under args:")
     try:
-        args = expand_env(args)
-    except KeyError as exc:
+        args = expand_env(args, defaults_allowed=not in_cluster)
+    except UnresolvedReference as exc:
+        if in_cluster:
+            raise ConfigError(
+                source, key_prefix.rstrip("."),
+                f"${{{exc.name}}} is not set in the Ray cluster's environment. Serve builds a config file's apps "
+                "inside the cluster, so a variable set in the shell that ran `serve run`/`serve deploy` never "
+                "reaches it" + (" and the file's default would be used silently" if exc.has_default else ""),
+                "serve the file with `fleetserve serve FILE` (it resolves ${...} and --set in your shell), "
+                f"or write the value into the file, or set env.{exc.name} in the hostfile and re-run `fleetserve up`",
+            ) from None
         raise ConfigError(
-            source, key_prefix.rstrip("."), f"environment variable {exc.args[0]} is not set",
-            f"export {exc.args[0]}=... or give a default: ${{{exc.args[0]}:-value}}",
+            source, key_prefix.rstrip("."), f"environment variable {exc.name} is not set",
+            f"export {exc.name}=... or give a default: ${{{exc.name}:-value}}",
         ) from None
     if "models" in args:
         data = dict(args)
@@ -382,17 +442,25 @@ def check_world_size(
     return []
 
 
-def load_serve_config(path: str | Path) -> dict[str, Any]:
-    """Read a Ray Serve config file and validate each application's args.
-
-    Returns the parsed YAML, with each application's validated
-    :class:`ServingArgs` under ``"_fleetserve"`` keyed by application name.
-    """
+def read_serve_file(path: str | Path) -> dict[str, Any]:
+    """Parse a Ray Serve config file; every way it can be unreadable is a ConfigError."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(path, None, "file not found", "check the path") from None
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read the file: {exc.strerror}", "check the path and permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"byte {exc.start}", "not a text file (not UTF-8)",
+                          "give a Ray Serve YAML config such as deployments/tiny.yaml") from None
+    if "\x00" in text:
+        raise ConfigError(path, None, "not a text file (it contains NUL bytes)",
+                          "give a Ray Serve YAML config such as deployments/tiny.yaml")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f"line {mark.line + 1}" if mark else None
@@ -400,15 +468,101 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("applications"), list):
         raise ConfigError(path, "applications", "a Serve config needs an `applications:` list",
                           "see deployments/tiny.yaml for the layout")
+    return raw
+
+
+def _fleet_apps(raw: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``(index, application)`` of each application built by fleetserve's builder."""
+    return [(i, app) for i, app in enumerate(raw["applications"])
+            if isinstance(app, dict) and str(app.get("import_path", "")).startswith("cluster.serving")]
+
+
+def resolve_serve_config(
+    raw: dict[str, Any], path: str | Path, overrides: list[str] | None = None, environ: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The config with ``${VAR}`` resolved from ``environ`` (this shell) and ``KEY=VALUE`` overrides applied.
+
+    This is what makes an override typed where the user runs the command reach
+    the app: Serve would expand nothing here and build the app inside the
+    cluster (see :func:`expand_env`). ``KEY`` is a dotted path in each
+    fleetserve application's ``args`` (``tensor_parallel_size=2``,
+    ``model.load_format=dummy``, ``models.1.replicas=2``), or ``APP/KEY`` for one
+    application; ``VALUE`` is YAML (``null`` removes the key: its default applies).
+    """
+    out = copy.deepcopy(raw)
+    apps = _fleet_apps(out)
+    errors = []
+    for i, app in apps:
+        try:
+            app["args"] = expand_env(app.get("args") or {}, environ)
+        except UnresolvedReference as exc:
+            errors.append(ConfigError(path, f"applications.{i}.args", f"environment variable {exc.name} is not set",
+                                      f"export {exc.name}=... or give a default: ${{{exc.name}:-value}}"))
+    for item in overrides or []:
+        errors += _apply_override(apps, item, path)
+    if errors:
+        raise ConfigErrors(errors)
+    return out
+
+
+def _apply_override(apps: list[tuple[int, dict[str, Any]]], item: str, path: str | Path) -> list[ConfigError]:
+    key, sep, text = item.partition("=")
+    app_name, slash, dotted = key.rpartition("/") if "/" in key else ("", "", key)
+    if not sep or not dotted.strip():
+        return [ConfigError(path, f"--set {item}", "an override must be KEY=VALUE",
+                            "e.g. --set tensor_parallel_size=2 --set model.load_format=dummy")]
+    targets = [(i, app) for i, app in apps if not slash or app.get("name") == app_name]
+    if not targets:
+        names = ", ".join(str(app.get("name")) for _, app in apps) or "none"
+        return [ConfigError(path, f"--set {item}", f"no fleetserve application named {app_name!r}",
+                            f"use one of: {names}")]
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    for i, app in targets:
+        node: Any = app.setdefault("args", {})
+        parts = dotted.strip().split(".")
+        for depth, part in enumerate(parts[:-1]):
+            nxt = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else (
+                node.setdefault(part, {}) if isinstance(node, dict) else None)
+            if isinstance(nxt, str) and depth == 0 and part == "model":
+                nxt = node[part] = {"source": nxt}  # `model: /path` shorthand, overriding a sub-key
+            if not isinstance(nxt, (dict, list)):
+                return [ConfigError(path, f"--set {item}", f"applications.{i}.args.{'.'.join(parts[:depth + 1])} "
+                                    "is not a mapping or list", "override the whole key instead")]
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            if not (last.isdigit() and int(last) < len(node)):
+                return [ConfigError(path, f"--set {item}", f"{last!r} is not an index of the list", "use 0, 1, ...")]
+            node[int(last)] = value
+        elif value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return []
+
+
+def load_serve_config(path: str | Path, overrides: list[str] | None = None,
+                      environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read a Ray Serve config file, resolve it here (:func:`resolve_serve_config`), validate each app's args.
+
+    Returns the resolved YAML tree, with each application's validated
+    :class:`ServingArgs` under ``"_fleetserve"`` keyed by application name.
+    """
+    path = Path(path)
+    raw = resolve_serve_config(read_serve_file(path), path, overrides, environ)
     validated: dict[str, ServingArgs] = {}
     errors: list[ConfigError] = []
+    fleet = {i for i, _ in _fleet_apps(raw)}
     for i, app in enumerate(raw["applications"]):
         name = app.get("name", f"app{i}") if isinstance(app, dict) else f"app{i}"
         if not isinstance(app, dict) or "import_path" not in app:
             errors.append(ConfigError(path, f"applications.{i}", "each application needs import_path",
                                       "import_path: cluster.serving.app:build_app"))
             continue
-        if not str(app["import_path"]).startswith("cluster.serving"):
+        if i not in fleet:
             continue  # not a fleetserve app: Serve validates it itself
         try:
             validated[name] = load_serving_args(app.get("args") or {}, path, key_prefix=f"applications.{i}.args.")

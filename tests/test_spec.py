@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,10 @@ def test_pp_stages_must_fit_hosts(tmp_path):
 
 def test_replicas_and_autoscaling():
     spec = _one({"model": "/m", "replicas": 2})
-    assert spec.replicas.deployment_config()["num_replicas"] == 2
+    assert spec.replicas.deployment_config(spec.engine_batch)["num_replicas"] == 2
     spec = _one({"model": "/m", "replicas": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
                                                               "target_ongoing_requests": 8}}})
-    auto = spec.replicas.deployment_config()["autoscaling_config"]
+    auto = spec.replicas.deployment_config(spec.engine_batch)["autoscaling_config"]
     assert auto["max_replicas"] == 4 and auto["target_ongoing_requests"] == 8
     text = _error_text({"model": "/m", "replicas": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
     assert "max_replicas" in text
@@ -149,3 +150,68 @@ def test_bad_yaml_reports_line(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_serve_config(path)
     assert "line" in str(exc.value)
+
+
+def test_max_ongoing_requests_defaults_to_what_the_engine_batches():
+    # Serve admitting fewer than the engine batches throttled c=128 to 78% of plain vLLM.
+    spec = _one({"model": "/m", "engine_args": {"max_num_seqs": 48}})
+    assert spec.replicas.deployment_config(spec.engine_batch)["max_ongoing_requests"] == 48
+    gpu = _one({"model": "/m", "tensor_parallel_size": 2})
+    assert gpu.replicas.deployment_config(gpu.engine_batch)["max_ongoing_requests"] == 1024
+    cpu = _one({"model": "/m", "accelerator": "CPU"})
+    assert cpu.replicas.deployment_config(cpu.engine_batch)["max_ongoing_requests"] == 128
+    fixed = _one({"model": "/m", "replicas": {"num_replicas": 1, "max_ongoing_requests": 7}})
+    cfg = fixed.replicas.deployment_config(fixed.engine_batch)
+    assert cfg["max_ongoing_requests"] == 7 and cfg["max_constructor_retry_count"] == 2
+
+
+def test_in_cluster_expansion_refuses_defaults_the_shell_may_have_overridden():
+    args = {"model": {"source": "${MODEL_DIR:-/nfs/m}"}}
+    with pytest.raises(ConfigError) as err:
+        load_serving_args(args, "Serve application args", in_cluster=True)
+    text = str(err.value)
+    assert "MODEL_DIR" in text and "fleetserve serve" in text and "env.MODEL_DIR" in text
+    # Set in the cluster's own environment (hostfile env.*): used.
+    os.environ["MODEL_DIR"] = "/from/cluster"
+    try:
+        assert load_serving_args(args, in_cluster=True).models[0].model.source == "/from/cluster"
+    finally:
+        del os.environ["MODEL_DIR"]
+    # A driver the user started (serve.run in Python, `fleetserve serve`) sees the user's env: defaults apply.
+    assert load_serving_args(args).models[0].model.source == "/nfs/m"
+
+
+def _serve_file(tmp_path, args, name="app"):
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump({"applications": [
+        {"name": name, "import_path": "cluster.serving.app:build_app", "args": args}]}))
+    return path
+
+
+def test_overrides_resolve_in_this_shell(tmp_path):
+    path = _serve_file(tmp_path, {"model": {"source": "${MODEL_DIR:-/nfs/m}", "load_format": "${LF:-auto}"},
+                                  "tensor_parallel_size": 8, "accelerator_type": "H100",
+                                  "flaggems": {"enabled": "${GEMS:-false}"}})
+    cfg = load_serve_config(path, ["tensor_parallel_size=2", "accelerator_type=null", "app/replicas=3"],
+                            environ={"MODEL_DIR": "/here", "LF": "dummy", "GEMS": "true"})
+    spec = cfg["_fleetserve"]["app"].models[0]
+    assert (spec.model.source, spec.model.load_format, spec.tensor_parallel_size) == ("/here", "dummy", 2)
+    assert spec.accelerator_type is None and spec.flaggems.enabled and spec.replicas.num_replicas == 3
+    args = cfg["applications"][0]["args"]
+    assert "${" not in yaml.safe_dump(args)  # what is handed to Serve holds no reference left
+    for bad, where in (("nokey", "KEY=VALUE"), ("other/tensor_parallel_size=2", "no fleetserve application"),
+                       ("tensor_parallel_size.x=1", "not a mapping"), ("tensor_parallel_size=zwei", "integer")):
+        with pytest.raises(ConfigError) as err:
+            load_serve_config(path, [bad], environ={})
+        assert where in str(err.value), (bad, str(err.value))
+
+
+def test_unreadable_files_are_clear_errors(tmp_path):
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_serve_config(binary)
+    nul = tmp_path / "n.yaml"
+    nul.write_text("applications: []\x00")
+    with pytest.raises(ConfigError, match="NUL"):
+        load_serve_config(nul)

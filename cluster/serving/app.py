@@ -49,6 +49,7 @@ def runtime_env_for(spec: DeploymentSpec) -> dict[str, Any]:
     env_vars = dict(env.get("env_vars", {}))
     env_vars.update(runtime_env_vars(spec.flaggems, spec.served_name))
     env_vars.setdefault("FLEETSERVE_DEPLOYMENT", spec.served_name)
+    env_vars["FLEETSERVE_STARTUP_TIMEOUT_S"] = f"{spec.replicas.startup_timeout_s:g}"
     env["env_vars"] = env_vars
     return env
 
@@ -66,7 +67,7 @@ def llm_config_for(spec: DeploymentSpec) -> dict[str, Any]:
             strategy=None if spec.placement_strategy == "auto" else spec.placement_strategy,
         ),
         "deployment_config": {
-            **spec.replicas.deployment_config(),
+            **spec.replicas.deployment_config(spec.engine_batch),
             "ray_actor_options": {"num_cpus": spec.replica_cpus},
         },
         "runtime_env": runtime_env_for(spec),
@@ -94,6 +95,23 @@ def _check_live_cluster(serving: ServingArgs) -> None:
         raise ConfigErrors(problems)
 
 
+def _modalities(spec: DeploymentSpec) -> dict[str, Any]:
+    """Model-card fields from config.json: ray.serve.llm says "text" unless it downloaded the checkpoint info."""
+    from cluster.serving.modelcheck import input_modalities, read_config
+
+    modalities = input_modalities(read_config(spec.model.source), spec.limit_mm_per_prompt.get("image"))
+    return {"input_modality": "image" if "image" in modalities else "text", "input_modalities": modalities}
+
+
+def _in_cluster_task() -> bool:
+    """Whether this builder runs in a Ray worker (Serve building a config file's app), not a user's driver."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 def build_app(args: dict[str, Any]):
     """Ray Serve application builder (``import_path: cluster.serving.app:build_app``).
 
@@ -101,7 +119,7 @@ def build_app(args: dict[str, Any]):
     ``make_fastapi_ingress``) rather than ``build_openai_app``, because the latter
     fixes the ingress routes and we add ``/health``.
     """
-    serving = load_serving_args(args, source="Serve application args", key_prefix="args.")
+    serving = load_serving_args(args, source="Serve application args", key_prefix="args.", in_cluster=_in_cluster_task())
     _check_live_cluster(serving)
     return compose_app(serving)
 
@@ -116,7 +134,8 @@ def compose_app(serving: ServingArgs):
 
     llm_configs = [LLMConfig(**llm_config_for(spec)) for spec in serving.models]
     deployments = {c.model_id: build_llm_deployment(c) for c in llm_configs}
-    cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
+    cards = {spec.served_name: to_model_metadata(spec.served_name, config, overrides=_modalities(spec))
+             for spec, config in zip(serving.models, llm_configs)}
     limits = {
         spec.served_name: {"max_images": spec.limit_mm_per_prompt.get("image"), "max_image_bytes": spec.max_image_bytes}
         for spec in serving.models

@@ -32,15 +32,42 @@ class FleetLLMServer(LLMServer):
     async def start(self) -> None:
         from cluster.kernels import FlagGemsConfig, check_host_support, config_from_env
 
+        self._check_model_here()
         cfg = config_from_env(os.environ) or FlagGemsConfig()
         # Raises a clear error (Serve marks the deployment DEPLOY_FAILED with it)
         # unless the user asked to fall back to stock kernels.
         support = check_host_support(cfg)
         if cfg.enabled and not support.ok:
             _drop_flaggems_overrides(self._llm_config.engine_kwargs)
-        await super().start()
+        timeout_s = float(os.environ.get("FLEETSERVE_STARTUP_TIMEOUT_S", "1800"))
+        try:
+            await asyncio.wait_for(super().start(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise ReplicaStartError(
+                f"the vLLM engine was not up after startup_timeout_s={timeout_s:g} on {socket.gethostname()}; "
+                "raise replicas.startup_timeout_s if loading legitimately takes longer"
+            ) from None
         # Held on self: an unreferenced task may be garbage-collected mid-flight.
         self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(cfg))
+
+    def _check_model_here(self) -> None:
+        """Fail in seconds, naming the host, on what no retry can fix (see :mod:`modelcheck`)."""
+        from cluster.serving.modelcheck import parallelism_problems, read_config
+
+        source = self._llm_config.model_loading_config.model_source
+        host = f"{socket.gethostname()} ({_node_ip()})"
+        if not os.path.isdir(source):
+            raise ReplicaStartError(
+                f"model.source {source!r} is not a directory on {host}; the model must be at that path on every "
+                "GPU host (a shared filesystem, or copied there)")
+        config = read_config(source)
+        if config is None:
+            raise ReplicaStartError(f"model.source {source!r} on {host} has no readable config.json")
+        kwargs = self._llm_config.engine_kwargs
+        problems = parallelism_problems(
+            config, int(kwargs.get("tensor_parallel_size", 1)), int(kwargs.get("pipeline_parallel_size", 1)))
+        if problems:
+            raise ReplicaStartError("; ".join(f"{key}: {problem} (fix: {fix})" for key, problem, fix in problems))
 
     async def _publish_metrics(self, cfg: Any) -> None:
         """Keep this replica's FlagGems gauges current; never lets the replica fail."""
@@ -73,6 +100,10 @@ class FleetLLMServer(LLMServer):
             "node_ip": os.environ.get("VLLM_HOST_IP") or _node_ip(),
             "flaggems": collect_reports(deployment),
         }
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica that cannot start because of its config; Serve shows the message in the deployment status."""
 
 
 def _drop_flaggems_overrides(engine_kwargs: dict[str, Any]) -> None:

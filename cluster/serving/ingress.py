@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import binascii
 import io
 import logging
@@ -36,11 +38,17 @@ from fastapi.responses import JSONResponse, Response
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from cluster.serving.status import failure_reason
+
 logger = logging.getLogger("ray.serve")
 
 RETRY_AFTER_S = 5
 #: How often the ingress refreshes replica states from Serve's controller.
 REPLICA_POLL_S = 1.0
+#: How often (and how long at most) it asks each running replica for its host and kernel report.
+REPORT_POLL_S = 5.0
+#: /health must answer within 1 s: the most it waits for the watcher's very first poll.
+FIRST_POLL_WAIT_S = 0.6
 #: Replica states that take requests: a replica being migrated off a drained node
 #: keeps serving until its replacement runs.
 SERVING_STATES = ("RUNNING", "PENDING_MIGRATION")
@@ -161,36 +169,94 @@ class FleetIngress(OpenAiIngress):
         self._retry_attempts = retry_attempts
         self._request_timeout_s = request_timeout_s
         self.counters = {"requests": 0, "retried": 0, "rejected": 0, "unavailable": 0, "timed_out": 0}
-        # "app/deployment" -> {replica state: count}; empty until the first poll.
-        self._replica_states: dict[str, dict[str, int]] = {}
+        # "app/deployment" -> Serve's view of it; empty until the first poll.
+        self._deployments: dict[str, DeploymentView] = {}
+        # model id -> the replica's fleet_status (host, kernel reports), refreshed by the watcher.
+        self._reports: dict[str, dict[str, Any]] = {}
         self._watcher: asyncio.Task | None = None
+        self._first_poll = asyncio.Event()
 
     # -- replica availability ------------------------------------------------------
     async def _watch_replicas(self) -> None:
+        """Keep Serve's view of every deployment (status, message, replica states) and the replicas' reports.
+
+        /health and the availability checks answer from this view at once: asking
+        a replica inline could wait as long as the replica takes to die.
+        """
         from ray import serve
 
+        last_reports = 0.0
         while True:
             try:
                 status = await asyncio.to_thread(serve.status)
-                states: dict[str, dict[str, int]] = {}
+                deployments: dict[str, DeploymentView] = {}
                 for app_name, app in status.applications.items():
                     for name, dep in app.deployments.items():
-                        states[f"{app_name}/{name}"] = {
-                            str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
-                self._replica_states = states
+                        deployments[f"{app_name}/{name}"] = DeploymentView(
+                            status=str(getattr(dep.status, "value", dep.status)),
+                            message=dep.message or "",
+                            replicas={str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()},
+                        )
+                self._deployments = deployments
+                self._first_poll.set()
             except Exception:  # controller briefly unreachable: keep the last view
                 logger.debug("replica status poll failed", exc_info=True)
+            if time.monotonic() - last_reports >= REPORT_POLL_S:
+                last_reports = time.monotonic()
+                await self._refresh_reports()
             await asyncio.sleep(REPLICA_POLL_S)
 
-    def _replicas(self, model_id: str | None, *states: str) -> int | None:
-        """Replicas of the model's deployment in ``states``; None when unknown (never fail on doubt)."""
+    async def _refresh_reports(self) -> None:
+        """Where each model's replica runs and what kernels its workers patched (for /health)."""
+        async def one(model_id: str, handle: Any) -> None:
+            if not self._replicas(model_id, "RUNNING"):
+                self._reports.pop(model_id, None)
+                return
+            try:
+                self._reports[model_id] = await asyncio.wait_for(handle.fleet_status.remote(), timeout=REPORT_POLL_S)
+            except Exception:
+                logger.debug("fleet_status of %s failed", model_id, exc_info=True)
+
+        await asyncio.gather(*(one(m, h) for m, h in self._default_serve_handles.items()))
+
+    async def _ensure_watcher(self) -> None:
+        """Start the watcher on first use and give its first poll a moment, so a first /health is not blind."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
+        if not self._first_poll.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._first_poll.wait(), timeout=FIRST_POLL_WAIT_S)
+
+    def _view(self, model_id: str | None) -> DeploymentView | None:
         handle = self._default_serve_handles.get(model_id or "")
         if handle is None:
             return None
-        dep = self._replica_states.get(f"{handle.app_name}/{handle.deployment_name}")
-        if dep is None:
+        return self._deployments.get(f"{handle.app_name}/{handle.deployment_name}")
+
+    def model_state(self, model_id: str) -> dict[str, Any]:
+        """``{state, reason, running_replicas}`` of one model, from the last poll."""
+        view = self._view(model_id)
+        if view is None:
+            return {"state": "starting", "reason": "waiting for Serve's first status", "running_replicas": 0}
+        running = sum(view.replicas.get(s, 0) for s in SERVING_STATES)
+        if view.status == "DEPLOY_FAILED":
+            state, reason = "failed", failure_reason(view.message)
+        elif running == 0 and view.replicas.get("STARTING", 0):
+            state, reason = "starting", "the replica's engine is starting"
+        elif running == 0:
+            state, reason = "no_replica", failure_reason(view.message) or "no replica is running"
+        elif view.status == "HEALTHY":
+            state, reason = "healthy", ""
+        else:
+            state, reason = "degraded", failure_reason(view.message) or f"deployment is {view.status}"
+        return {"state": state, "reason": reason, "running_replicas": running}
+
+    def _replicas(self, model_id: str | None, *states: str) -> int | None:
+        """Replicas of the model's deployment in ``states``; None when unknown (never fail on doubt)."""
+        view = self._view(model_id)
+        if view is None:
             return None
-        return sum(dep.get(s, 0) for s in states)
+        return sum(view.replicas.get(s, 0) for s in states)
 
     async def _bounded(self, call, body: Any, request: Request, model_id: str | None, deadline: float) -> Response:
         """Await ``call`` until it answers, the deadline passes, or no replica could be serving it."""
@@ -229,8 +295,7 @@ class FleetIngress(OpenAiIngress):
 
     async def _serve(self, call, body: Any, request: Request) -> Response:
         self.counters["requests"] += 1
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
+        await self._ensure_watcher()
         deadline = time.monotonic() + self._request_timeout_s
         model_id = getattr(body, "model", None)
         attempt = 0
@@ -273,21 +338,42 @@ class FleetIngress(OpenAiIngress):
     async def completions(self, body: CompletionRequest, request: Request) -> Response:  # type: ignore[override]
         return await self._serve(super().completions, body, request)
 
-    # -- health -----------------------------------------------------------------------
+    # -- health and models ------------------------------------------------------------
     async def health(self) -> Response:
-        """200 if every model answers its health check, else 503; with kernel reports."""
-        models: dict[str, Any] = {}
-        healthy = True
-        for model_id, handle in self._default_serve_handles.items():
-            try:
-                info = await asyncio.wait_for(handle.fleet_status.remote(), timeout=10)
-                models[model_id] = {"healthy": True, **info}
-            except Exception as exc:
-                healthy = False
-                models[model_id] = {"healthy": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        content = {"status": "ok" if healthy else "unavailable", "models": models, "ingress": self.counters}
-        headers = None if healthy else {"Retry-After": str(RETRY_AFTER_S)}
-        return JSONResponse(status_code=200 if healthy else 503, content=content, headers=headers)
+        """200 when every model serves (``healthy`` or ``degraded``), else 503; answered from the watcher's view.
+
+        Never waits on a replica: a starting, failed or dying one would hold the
+        answer for as long as it takes to time out.
+        """
+        await self._ensure_watcher()
+        models = {}
+        for model_id in self._default_serve_handles:
+            models[model_id] = {**self.model_state(model_id), **self._reports.get(model_id, {})}
+        serving = all(m["state"] in ("healthy", "degraded") for m in models.values())
+        if serving:
+            status = "degraded" if any(m["state"] == "degraded" for m in models.values()) else "ok"
+        else:
+            status = "unavailable"
+        content = {"status": status, "models": models, "ingress": self.counters}
+        headers = None if serving else {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse(status_code=200 if serving else 503, content=content, headers=headers)
+
+    async def model(self, model_id: str) -> Any:
+        """The model card plus whether the model has a running replica (``metadata.fleetserve``)."""
+        card = await super().model(model_id)
+        if card is None or model_id not in self._default_serve_handles:
+            return card
+        await self._ensure_watcher()
+        return card.model_copy(update={"metadata": {**card.metadata, "fleetserve": self.model_state(model_id)}})
+
+
+@dataclasses.dataclass
+class DeploymentView:
+    """One deployment as Serve's controller last reported it."""
+
+    status: str
+    message: str
+    replicas: dict[str, int]
 
 
 FLEET_ENDPOINTS = {

@@ -155,6 +155,15 @@ def summarize(details: dict[str, Any], loads: dict[str, ReplicaLoad] | None = No
     return rows
 
 
+def failure_reason(message: str) -> str:
+    """The one line of a Serve deployment message that says why (its exception), without the traceback."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "^", "Traceback", "The above exception", "During handling")):
+            return line[:400]
+    return ""
+
+
 def _num(value: float | None, pct: bool = False) -> str:
     if value is None:
         return "-"
@@ -179,7 +188,8 @@ def serve_table(rows: list[DeploymentSummary]) -> Table:
     if not rows:
         table.caption = "no Serve applications are running"
     else:
-        failing = [f"{r.deployment}: {r.message}" for r in rows if r.message and r.status != "HEALTHY"]
+        failing = [f"{r.deployment}: {failure_reason(r.message)}" for r in rows
+                   if r.message and r.status != "HEALTHY"]
         if failing:
             table.caption = "\n".join(failing)[:2000]
     return table
@@ -197,8 +207,3 @@ def collect_serve_summary(dashboard_url: str | None = None, with_load: bool = Tr
 def table_from_json(rows: list[dict[str, Any]]) -> Table:
     """Render :func:`collect_serve_summary`'s output (e.g. after it came back over SSH)."""
     return serve_table([DeploymentSummary(**row) for row in rows])
-
-
-def serve_status(dashboard_url: str | None = None, with_load: bool = True) -> Table:
-    """Fetch and render in one call, from a driver connected to the cluster."""
-    return table_from_json(collect_serve_summary(dashboard_url, with_load))
