@@ -1,10 +1,11 @@
 """Serving commands: validate a deployment file, dry-run its build, serve it.
 
-``serve run deployments/x.yaml`` is the primary way to serve (plain Ray Serve);
-these commands add what Serve's CLI cannot: spec errors that name the file and
-key before anything starts, a build dry run that shows each replica's
-placement, and a ``serve`` wrapper that starts a local Ray head with enough
-logical CPUs on small machines.
+``fleetserve serve FILE`` is the documented way to serve: it resolves the file
+where the user types the command (``${VAR}`` from this shell, ``--set``
+overrides), which plain ``serve run`` cannot do because Serve builds the app
+inside the cluster. Plain ``serve run FILE`` works for files with the values
+written in. ``validate`` reports spec errors naming the file and key before
+anything starts, and dry-runs the build to show each replica's placement.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cluster.errors import FleetserveError
@@ -25,20 +27,29 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(2)
+    err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False)
+    raise typer.Exit(1)
+
+
+SetOption = typer.Option(
+    None, "--set", metavar="KEY=VALUE",
+    help="Override a key of the deployment spec (dotted, YAML value; APP/KEY for one app), e.g. "
+         "--set tensor_parallel_size=2 --set model.load_format=dummy. Repeatable.",
+)
 
 
 def validate(
     config: Path = typer.Argument(..., help="Ray Serve config file (deployments/*.yaml)."),
     build: bool = typer.Option(False, "--build", help="Also build the Serve app graph (no cluster needed)."),
+    overrides: list[str] = SetOption,
 ) -> None:
     """Check a deployment file: every model spec, engine arg and placement."""
     from cluster.serving.app import engine_kwargs_for, llm_config_for
     from cluster.spec import load_serve_config
 
     try:
-        cfg = load_serve_config(config)
+        cfg = load_serve_config(config, overrides)
+        _check_models_here(cfg, config)
     except FleetserveError as exc:
         _fail(exc)
     table = Table(title=f"{config}")
@@ -95,30 +106,103 @@ def build_dry_run(serving) -> list[str]:
 
 def serve(
     config: Path = typer.Argument(..., help="Ray Serve config file (deployments/*.yaml)."),
-    address: str = typer.Option(None, help="Ray address; default: RAY_ADDRESS, else a local head is started."),
+    overrides: list[str] = SetOption,
+    address: str = typer.Option(
+        None, help="Ray cluster (GCS) address; default: RAY_ADDRESS, else the cluster `fleetserve up` started, "
+                   "else a local head started for this command."),
+    detach: bool = typer.Option(False, "--detach", help="Deploy, wait until ready, and return (serve deploy)."),
+    ready_timeout: float = typer.Option(3600, help="Seconds to wait for the endpoint to answer /health 200."),
     num_cpus: int = typer.Option(8, help="Logical CPUs for a local head (more than cores: Serve's ingress needs room)."),
 ) -> None:
-    """Validate, make sure a Ray cluster is there, then `serve run` the file."""
+    """Resolve the file here (${VAR} from this shell, --set), validate it, and serve it on the cluster.
+
+    Serve builds a config file's apps inside the cluster, where this shell's
+    environment is not seen; the file handed to Serve is therefore the resolved
+    one (written next to the state file), so an override typed here is what the
+    replicas get. Prints one line when the endpoint is ready; Ctrl-C stops the
+    app, and the local Ray head if this command started it.
+    """
+    from cluster.commands.serve_launch import LocalHead, cluster_address, endpoint_url, wait_ready, write_resolved
     from cluster.spec import load_serve_config
 
+    address = address or os.environ.get("RAY_ADDRESS") or cluster_address()
     try:
-        load_serve_config(config)
+        cfg = load_serve_config(config, overrides)
+        # Served on a head started here, the model must be on this machine.
+        _check_models_here(cfg, config, require_local=not address)
     except FleetserveError as exc:
         _fail(exc)
-    env = dict(os.environ)
-    address = address or env.get("RAY_ADDRESS")
+    resolved = write_resolved(cfg, config)
     bindir = Path(sys.executable).parent
-    if not address:
-        status = subprocess.run([str(bindir / "ray"), "status"], capture_output=True, text=True)
-        if status.returncode != 0:
-            console.print(f"starting a local Ray head with {num_cpus} logical CPUs")
-            subprocess.run(
-                [str(bindir / "ray"), "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
-                check=True,
-            )
-        address = "auto"
-    env["RAY_ADDRESS"] = address
-    os.execve(str(bindir / "serve"), [str(bindir / "serve"), "run", str(config)], env)
+    head = None
+    try:
+        if not address:
+            head = LocalHead(bindir, num_cpus)
+            console.print(f"starting a local Ray head ({num_cpus} logical CPUs) at {head.address}; "
+                          "it stops when this command ends")
+            head.start()
+            address = head.address
+        env = dict(os.environ, RAY_ADDRESS=address)
+        url = endpoint_url(cfg, address)
+        if detach:
+            dashboard = head.dashboard_url if head else _dashboard_for(address)
+            subprocess.run([str(bindir / "serve"), "deploy", str(resolved), "--address", dashboard],
+                           env=env, check=True)
+            wait_ready(url, ready_timeout, None)
+            console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health")
+            return
+        proc = subprocess.Popen([str(bindir / "serve"), "run", str(resolved)], env=env)
+        try:
+            if wait_ready(url, ready_timeout, proc):
+                console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health -- Ctrl-C stops it")
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()  # serve run got the same SIGINT: it tears the app down itself
+        if proc.returncode not in (0, None, -2, 130):
+            raise typer.Exit(proc.returncode)
+    except subprocess.CalledProcessError as exc:
+        raise typer.Exit(exc.returncode or 1) from None
+    except FleetserveError as exc:
+        _fail(exc)
+    finally:
+        if head is not None:
+            head.stop()
+
+
+def _dashboard_for(address: str) -> str:
+    host = address.rsplit(":", 1)[0]
+    return f"http://{host}:8265"
+
+
+def _check_models_here(cfg: dict, path: Path, require_local: bool = False) -> None:
+    """What can be checked where the command runs: TP/PP vs the model's heads, when its directory is here.
+
+    A directory missing here is an error only with ``require_local``; on a
+    cluster it may exist only on the GPU hosts, and each replica checks it there.
+    """
+    from cluster.errors import ConfigError, ConfigErrors
+    from cluster.serving.modelcheck import parallelism_problems, read_config
+
+    problems = []
+    for i, app in enumerate(cfg["applications"]):
+        serving = cfg["_fleetserve"].get(app.get("name", f"app{i}"))
+        for j, spec in enumerate(serving.models if serving else []):
+            prefix = f"applications.{i}.args." + (f"models.{j}." if "models" in (app.get("args") or {}) else "")
+            model_config = read_config(spec.model.source)
+            if model_config is None:
+                where = "is not a directory with a config.json on this machine"
+                if require_local:
+                    problems.append(ConfigError(path, prefix + "model.source", f"{spec.model.source!r} {where}",
+                                                "make the model there (fleetserve make-model) or fix the path"))
+                else:
+                    err_console.print(f"[yellow]note:[/] {escape(spec.model.source)} {where}; each replica "
+                                      "checks it on its own host", highlight=False)
+                continue
+            for key, problem, fix in parallelism_problems(
+                    model_config, spec.tensor_parallel_size, spec.pipeline_parallel_size):
+                problems.append(ConfigError(path, prefix + key, problem, fix))
+    if problems:
+        raise ConfigErrors(problems)
 
 
 def register(app: typer.Typer) -> None:

@@ -50,6 +50,15 @@ class FleetLLMServer(LLMServer):
         # Held on self: an unreferenced task may be garbage-collected mid-flight.
         self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(cfg))
 
+    def _batch_output_stream(self, generator: Any) -> Any:
+        """First chunk at once, then batched (see :mod:`cluster.serving.streaming`).
+
+        Overrides a private hook of ray.serve.llm's LLMServer, checked against Ray 2.58.0.
+        """
+        from cluster.serving.streaming import EagerBatcher
+
+        return EagerBatcher(generator, (self._get_batch_interval_ms() or 0) / 1000).stream()
+
     def _check_model_here(self) -> None:
         """Fail in seconds, naming the host, on what no retry can fix (see :mod:`modelcheck`)."""
         from cluster.serving.modelcheck import parallelism_problems, read_config
@@ -96,6 +105,7 @@ class FleetLLMServer(LLMServer):
         await self.check_health()
         deployment = os.environ.get("FLEETSERVE_DEPLOYMENT", "")
         return {
+            "model_source": self._llm_config.model_loading_config.model_source,
             "replica_host": socket.gethostname(),
             "node_ip": os.environ.get("VLLM_HOST_IP") or _node_ip(),
             "flaggems": collect_reports(deployment),

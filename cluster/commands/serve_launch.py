@@ -1,0 +1,141 @@
+"""What ``fleetserve serve`` needs around ``serve run``: the resolved file, a cluster, a ready line.
+
+* The resolved config goes to a file Serve can read: the app is built inside
+  the cluster from that file's values, not from this shell's environment.
+* The cluster: the one named, else the one ``fleetserve up`` recorded, else a
+  local head owned by this command. ``ray start --head --block`` runs as a child
+  in its own session: Ctrl-C in the terminal reaches ``serve run`` (which tears
+  the app down) but not Ray's dashboard and GCS, and stopping that one child
+  stops exactly this head -- never ``ray stop``, which ends every Ray on the
+  machine, other users' too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from cluster.errors import FleetserveError
+
+#: Seconds between /health probes while waiting for the endpoint.
+READY_POLL_S = 2.0
+
+
+def write_resolved(cfg: dict[str, Any], source: Path) -> Path:
+    """Write the resolved config (without fleetserve's validation objects) where Serve can read it."""
+    out_dir = Path(os.environ.get("FLEETSERVE_STATE_DIR", Path.home() / ".local/state/fleetserve")) / "served"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in cfg.items() if k != "_fleetserve"}
+    path = out_dir / f"{source.stem}.resolved.yaml"
+    # Values may come from the environment (paths, switches): readable by this user only.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"# resolved by `fleetserve serve` from {source.resolve()}\n")
+        yaml.safe_dump(data, fh, sort_keys=False)
+    return path
+
+
+def cluster_address() -> str | None:
+    """The GCS address the last `fleetserve up` recorded, if any."""
+    from cluster.raycluster import state_file
+
+    path = state_file()
+    try:
+        return json.loads(path.read_text()).get("address")
+    except (OSError, ValueError):
+        return None
+
+
+def endpoint_url(cfg: dict[str, Any], address: str) -> str:
+    """Where the config's HTTP proxy (on the head: ``proxy_location: HeadOnly``) is reached from here."""
+    http = cfg.get("http_options") or {}
+    host = str(http.get("host") or "127.0.0.1")
+    head = address.rsplit(":", 1)[0] if address and address != "auto" else "127.0.0.1"
+    if host in ("0.0.0.0", "::", "") or host in ("127.0.0.1", "localhost"):
+        host = head
+    return f"http://{host}:{int(http.get('port') or 8000)}"
+
+
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None) -> bool:
+    """Wait until ``url``/health answers 200; False when ``proc`` (serve run) ended first.
+
+    A deployment that failed (``/health`` says ``failed``) ends the wait with
+    its reason instead of waiting out the timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            r = httpx.get(f"{url}/health", timeout=5)
+            if r.status_code == 200:
+                return True
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            failed = {m: s.get("reason") for m, s in (body.get("models") or {}).items() if s.get("state") == "failed"}
+            if failed:
+                raise FleetserveError("deployment failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
+            last = f"{r.status_code} {body.get('status', '')}"
+        except (httpx.HTTPError, ValueError) as exc:
+            last = type(exc).__name__
+        time.sleep(READY_POLL_S)
+    raise FleetserveError(f"{url}/health did not answer 200 within {timeout_s:g}s (last: {last})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalHead:
+    """A single-node Ray head owned by one ``fleetserve serve`` command (see module docstring)."""
+
+    def __init__(self, bindir: Path, num_cpus: int):
+        self.port = _free_port()
+        self.dashboard_port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self._cmd = [
+            str(bindir / "ray"), "start", "--head", "--block", f"--port={self.port}",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+        ]
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self._proc = subprocess.Popen(self._cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise FleetserveError(f"ray start failed: {(self._proc.stderr.read() or '')[-2000:]}")
+            try:
+                # The dashboard answers last: then GCS, raylet and the job/serve APIs are up.
+                if httpx.get(f"{self.dashboard_url}/api/version", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise FleetserveError(f"the local Ray head did not come up within {timeout_s:g}s")
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop this head only: ``ray start --block`` ends the processes it started when it gets SIGTERM."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
