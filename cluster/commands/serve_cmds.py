@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import typer
@@ -122,7 +121,7 @@ def serve(
     replicas get. Prints one line when the endpoint is ready; Ctrl-C stops the
     app, and the local Ray head if this command started it.
     """
-    from cluster.commands.serve_launch import LocalHead, cluster_address, endpoint_url, wait_ready, write_resolved
+    from cluster.commands.serve_launch import SERVE_CLI, LocalHead, cluster_address, endpoint_url, wait_ready, write_resolved
     from cluster.spec import load_serve_config
 
     address = address or os.environ.get("RAY_ADDRESS") or cluster_address()
@@ -133,11 +132,10 @@ def serve(
     except FleetserveError as exc:
         _fail(exc)
     resolved = write_resolved(cfg, config)
-    bindir = Path(sys.executable).parent
     head = None
     try:
         if not address:
-            head = LocalHead(bindir, num_cpus)
+            head = LocalHead(num_cpus)
             console.print(f"starting a local Ray head ({num_cpus} logical CPUs) at {head.address}; "
                           "it stops when this command ends")
             head.start()
@@ -146,12 +144,11 @@ def serve(
         url = endpoint_url(cfg, address)
         if detach:
             dashboard = head.dashboard_url if head else _dashboard_for(address)
-            subprocess.run([str(bindir / "serve"), "deploy", str(resolved), "--address", dashboard],
-                           env=env, check=True)
+            subprocess.run([*SERVE_CLI, "deploy", str(resolved), "--address", dashboard], env=env, check=True)
             wait_ready(url, ready_timeout, None)
             console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health")
             return
-        proc = subprocess.Popen([str(bindir / "serve"), "run", str(resolved)], env=env)
+        proc = subprocess.Popen([*SERVE_CLI, "run", str(resolved)], env=env)
         try:
             if wait_ready(url, ready_timeout, proc):
                 console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health -- Ctrl-C stops it")

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ from cluster.errors import FleetserveError
 
 #: Seconds between /health probes while waiting for the endpoint.
 READY_POLL_S = 2.0
+#: Ray's and Serve's CLIs run as modules of this interpreter: the same Ray as ours,
+#: also where no console scripts are installed (a stack on PYTHONPATH).
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
+SERVE_CLI = [sys.executable, "-m", "ray.serve.scripts"]
 
 
 def write_resolved(cfg: dict[str, Any], source: Path) -> Path:
@@ -100,13 +105,13 @@ def _free_port() -> int:
 class LocalHead:
     """A single-node Ray head owned by one ``fleetserve serve`` command (see module docstring)."""
 
-    def __init__(self, bindir: Path, num_cpus: int):
+    def __init__(self, num_cpus: int):
         self.port = _free_port()
         self.dashboard_port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self._cmd = [
-            str(bindir / "ray"), "start", "--head", "--block", f"--port={self.port}",
+            *RAY_CLI, "start", "--head", "--block", f"--port={self.port}",
             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
         ]
