@@ -1,6 +1,7 @@
 """Hostfiles and the cluster config: which hosts, how to reach them, how to run Ray there.
 
-Format (a superset of FlagScale's hostfile, so its files load unchanged)::
+Format (a superset of FlagScale's ``HOST slots=N type=T`` lines, which load unchanged;
+docs/cluster.md says what else of FlagScale's files is accepted and what is not)::
 
     # comments and blank lines are ignored
     10.0.0.1 slots=8 type=H100 head        # ``head`` marks the Ray head (default: first host)

@@ -216,7 +216,7 @@ class HostEmulator:
         script = " && ".join([
             "mount -t tmpfs -o size=256m,mode=755 tmpfs /run", "mkdir -p /run/sshd",
             f"mount -t tmpfs -o size={shm_size},mode=1777 tmpfs /dev/shm",
-            *([f"mkdir /run/workdir", f"mount --bind {workdir} /run/workdir"] if keep else []),
+            *(["mkdir /run/workdir", f"mount --bind {workdir} /run/workdir"] if keep else []),
             "mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp",
             *([f"mkdir -p {workdir}", f"mount --bind /run/workdir {workdir}", "umount /run/workdir",
                "rmdir /run/workdir"] if keep else []),
