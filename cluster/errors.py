@@ -36,7 +36,13 @@ class ConfigError(FleetserveError):
 
 
 class ConfigErrors(ConfigError):
-    """Several config problems found at once (all are reported, not just the first)."""
+    """Several config problems found at once (all are kept in ``errors``, not just the first).
+
+    The message shows the first :data:`MAX_SHOWN` and how many more: a 20,000-line file of
+    one mistake should not print a megabyte.
+    """
+
+    MAX_SHOWN = 20
 
     def __init__(self, errors: Iterable[ConfigError]):
         self.errors = list(errors)
@@ -44,7 +50,9 @@ class ConfigErrors(ConfigError):
         super().__init__(first.source, first.location, first.problem, first.fix)
 
     def _render(self) -> str:  # type: ignore[override]
-        return "\n".join(e._render() for e in self.errors)
+        shown = "\n".join(e._render() for e in self.errors[: self.MAX_SHOWN])
+        more = len(self.errors) - self.MAX_SHOWN
+        return shown + (f"\n... and {more} more error{'s' if more > 1 else ''}" if more > 0 else "")
 
 
 def pydantic_errors(source: str | Path | None, exc, prefix: str = "", fixes: dict[str, str] | None = None) -> ConfigErrors:

@@ -1,6 +1,7 @@
 """Hostfiles and the cluster config: which hosts, how to reach them, how to run Ray there.
 
-Format (a superset of FlagScale's hostfile, so its files load unchanged)::
+Format (a superset of FlagScale's ``HOST slots=N type=T`` lines, which load unchanged;
+docs/cluster.md says what else of FlagScale's files is accepted and what is not)::
 
     # comments and blank lines are ignored
     10.0.0.1 slots=8 type=H100 head        # ``head`` marks the Ray head (default: first host)
@@ -28,7 +29,10 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import yaml
@@ -36,11 +40,52 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cluster.errors import ConfigError, ConfigErrors, pydantic_errors
 
-HOST_KEYS = ("slots", "type", "user", "port", "ip", "cpus", "head")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgtBKMGT]?$")
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,7}")  # ASCII digits only: str.isdigit() also takes '²', '８', '٢'
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """One ``key=value`` a host line may carry: the single table parsing, messages and docs derive from."""
+
+    field: str  # the :class:`Host` field it sets
+    kind: Literal["number", "text", "flag"]
+    meaning: str
+    example: str
+
+
+#: Every key of a host line. ``HOST`` itself (the first token, ``[user@]address``) is not a key.
+HOST_KEYS: dict[str, HostKey] = {
+    "slots": HostKey("slots", "number", "the number of GPUs on the host (Ray --num-gpus), 1-1024; required", "8"),
+    "type": HostKey("gpu_type", "text", "the GPU model, e.g. H100 (FlagScale's type=); letters, digits, '-', '_', '.'",
+                    "H100"),
+    "user": HostKey("user", "text", "the SSH login on this host (default: ssh.user; or write user@HOST)", "ubuntu"),
+    "port": HostKey("port", "number", "the SSH port of this host, 1-65535 (default: ssh.port)", "2222"),
+    "ip": HostKey("ip", "text", "the IP address Ray and NCCL use (default: HOST)", "192.168.10.1"),
+    "cpus": HostKey("cpus", "number", "the logical CPUs Ray offers there, >= 1 (default: ray.num_cpus)", "64"),
+    "head": HostKey("head", "flag", "marks the Ray head (default: the first host); head=true/false also works",
+                    "head"),
+}
+_FIELD_KEYS = {spec.field: key for key, spec in HOST_KEYS.items()}
+_HOST_FIX = "start the line with a hostname or IP address (letters, digits, '-', '_', '.'), e.g. 10.0.0.1 or gpu-node-1"
+
+
+def _key_fix(key: str) -> str:
+    spec = HOST_KEYS[key]
+    example = spec.example if spec.kind == "flag" else f"{key}={spec.example}"
+    return f"set {key}= to {spec.meaning}, e.g. {example}"
+
+
+def hostfile_keys_markdown() -> str:
+    """The host-line key table of docs/cluster.md (a test keeps the two equal)."""
+    rows = ["| key | meaning | example |", "|---|---|---|"]
+    for key, spec in HOST_KEYS.items():
+        example = spec.example if spec.kind == "flag" else f"{key}={spec.example}"
+        rows.append(f"| `{key}` | {spec.meaning} | `{example}` |")
+    return "\n".join(rows) + "\n"
 
 
 class _Strict(BaseModel):
@@ -63,14 +108,13 @@ class Host(_Strict):
     """One line of the hostfile."""
 
     address: str = Field(description="Hostname or IP address used for SSH.")
-    slots: int = Field(ge=1, le=1024, description="GPUs on this host (Ray --num-gpus).")
-    gpu_type: str | None = Field(default=None, description="GPU model, e.g. H100 (FlagScale's type=).")
-    user: str | None = Field(default=None, description="SSH user; default: ssh.user.")
-    port: int | None = Field(default=None, ge=1, le=65535, description="SSH port; default: ssh.port.")
-    ip: str | None = Field(default=None, description="Address Ray/NCCL use; default: the SSH address.")
-    cpus: int | None = Field(default=None, ge=1, le=100000,
-                             description="Logical CPUs Ray offers on this host; default: ray.num_cpus.")
-    head: bool = False
+    slots: int = Field(ge=1, le=1024, description=HOST_KEYS["slots"].meaning)
+    gpu_type: str | None = Field(default=None, description=HOST_KEYS["type"].meaning)
+    user: str | None = Field(default=None, description=HOST_KEYS["user"].meaning)
+    port: int | None = Field(default=None, ge=1, le=65535, description=HOST_KEYS["port"].meaning)
+    ip: str | None = Field(default=None, description=HOST_KEYS["ip"].meaning)
+    cpus: int | None = Field(default=None, ge=1, le=100000, description=HOST_KEYS["cpus"].meaning)
+    head: bool = Field(default=False, description=HOST_KEYS["head"].meaning)
     line: int = Field(default=0, description="Line in the hostfile (for messages).")
 
     @field_validator("address")
@@ -186,7 +230,10 @@ class ClusterSettings(_Strict):
             bad = [k for k in value if not isinstance(k, str) or not _ENV_NAME.match(k)]
             if bad:
                 raise ValueError(f"{bad[0]!r} is not an environment variable name")
-            return {k: ("" if v is None else str(v)) for k, v in value.items()}
+            typed = [k for k, v in value.items() if v is not None and not isinstance(v, str)]
+            if typed:
+                raise ValueError(f"env.{typed[0]} is a {type(value[typed[0]]).__name__}, not a string")
+            return {k: ("" if v is None else v) for k, v in value.items()}
         return value
 
 
@@ -227,21 +274,47 @@ class ClusterConfig(_Strict):
 # --------------------------------------------------------------------------- parsing
 
 
-def _suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
+def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-#: Host-line keys that take a whole number: what they mean and an example, for the error's fix.
-WHOLE_NUMBER_KEYS = {
-    "slots": ("the number of GPUs on the host", 8),
-    "port": ("the SSH port", 22),
-    "cpus": ("the logical CPUs Ray offers there", 64),
+class _TextScalarLoader(yaml.SafeLoader):
+    """YAML with no implicit typing but null: ``yes``, ``010``, ``1:30``, ``0x1F``, ``3.0`` stay the text written.
+
+    YAML 1.1 turns those into True, 8, 90, 31, 3.0 (a ``ray.version`` of 2.10
+    would become 2.1); pydantic converts the text to each setting's declared
+    type instead, so ``ray.port = 6380`` still is a number and ``env.A = yes``
+    the string 'yes'.
+    """
+
+
+_TextScalarLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:null"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 
 
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_TextScalarLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _char_problem(text: str) -> str | None:
+    """Name the first character no host line may hold (they are ASCII), e.g. a BOM or a fullwidth digit."""
+    for char in text:
+        if not char.isascii() or (not char.isprintable() and char not in " \t"):
+            name = "a byte-order mark (BOM)" if char == "\ufeff" else unicodedata.name(char, "a control character")
+            return f"holds {char!r} (U+{ord(char):04X}, {name}); host lines are plain ASCII"
+    return None
+
+
 def _parse_host_line(text: str, lineno: int, source: str, errors: list[ConfigError]) -> Host | None:
-    where = f"line {lineno}"
+    """One host line; appends its problems to ``errors`` (all of them, so one run shows every fix)."""
+    where, count = f"line {lineno}", len(errors)
+    bad_char = _char_problem(text)
+    if bad_char:
+        errors.append(ConfigError(source, where, bad_char, "retype the line in plain ASCII (or delete the character)"))
+        return None
     tokens = text.split()
     address, rest = tokens[0], tokens[1:]
     fields: dict[str, Any] = {"address": address, "line": lineno}
@@ -255,39 +328,35 @@ def _parse_host_line(text: str, lineno: int, source: str, errors: list[ConfigErr
     for token in rest:
         key, eq, value = token.partition("=")
         key = key.lower()
-        if key == "head" and not eq:
-            fields["head"] = True
+        spec = HOST_KEYS.get(key)
+        if spec is None:
+            known = ", ".join(HOST_KEYS)
+            fix = (f"remove it: fleetserve has no per-host GPU list (slots= is the GPU count; Ray hands out GPUs); "
+                   f"known keys: {known}" if key == "gpus" else f"{_suggest(key, HOST_KEYS)}known keys: {known}")
+            errors.append(ConfigError(source, where, f"unknown key {key!r}" if eq else f"{token!r} is not key=value",
+                                      fix))
             continue
-        if not eq or not value:
-            errors.append(ConfigError(source, where, f"{token!r} is not key=value",
-                                      f"write it as key=value with key one of {', '.join(HOST_KEYS)}"))
-            continue
-        if key not in HOST_KEYS:
-            errors.append(ConfigError(source, where, f"unknown key {key!r}",
-                                      f"{_suggest(key, HOST_KEYS)}known keys: {', '.join(HOST_KEYS)}"))
-            continue
-        field = {"type": "gpu_type"}.get(key, key)
-        if field in fields and field != "address":
+        if spec.field in fields and spec.field != "address":
             errors.append(ConfigError(source, where, f"{key!r} given twice", "keep one"))
             continue
-        if key == "head":
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                errors.append(ConfigError(source, where, f"head={value!r} is not a boolean",
-                                          "write 'head' (or head=true) on the head's line"))
+        if spec.kind == "flag":
+            if eq and value.lower() not in ("true", "false"):
+                errors.append(ConfigError(source, where, f"{key}={value!r} is not true or false", _key_fix(key)))
                 continue
-            fields["head"] = value.lower() in ("true", "1", "yes")
+            fields[spec.field] = not eq or value.lower() == "true"
             continue
-        if key in WHOLE_NUMBER_KEYS:
-            if not value.isdigit() or len(value) > 7:
-                what, example = WHOLE_NUMBER_KEYS[key]
-                errors.append(ConfigError(source, where, f"{key}={value!r} is not a whole number",
-                                          f"set {key}= to {what}, e.g. {key}={example}"))
+        if not eq or not value:
+            errors.append(ConfigError(source, where, f"{token!r} has no value", _key_fix(key)))
+            continue
+        if spec.kind == "number":
+            if not _WHOLE_NUMBER.fullmatch(value):
+                errors.append(ConfigError(source, where, f"{key}={value!r} is not a whole number", _key_fix(key)))
                 continue
-            fields[field] = int(value)
+            fields[spec.field] = int(value)
             continue
-        fields[field] = value
+        fields[spec.field] = value
     if "slots" not in fields:
-        if not any(e.location == where for e in errors):
+        if len(errors) == count:  # one complaint per line is enough
             errors.append(ConfigError(source, where, f"host {address!r} has no slots=",
                                       "add slots=N with the number of GPUs on that host, e.g. 'slots=8'"))
         return None
@@ -295,22 +364,11 @@ def _parse_host_line(text: str, lineno: int, source: str, errors: list[ConfigErr
         return Host(**fields)
     except ValidationError as exc:
         for err in exc.errors():
-            key = {"gpu_type": "type", "address": "host"}.get(str(err["loc"][0]) if err["loc"] else "", "")
-            key = key or (str(err["loc"][0]) if err["loc"] else "host")
+            field = str(err["loc"][0]) if err["loc"] else "address"
+            key = _FIELD_KEYS.get(field, "host")
             msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-            errors.append(ConfigError(source, where, f"{key}: {msg}", _HOST_FIXES.get(key, "correct the value")))
+            errors.append(ConfigError(source, where, f"{key}: {msg}", _key_fix(key) if key in HOST_KEYS else _HOST_FIX))
         return None
-
-
-_HOST_FIXES = {
-    "host": "use a hostname or an IP address, e.g. 10.0.0.1 or gpu-node-1",
-    "slots": "slots must be between 1 and 1024 (the GPUs on that host)",
-    "port": "port must be between 1 and 65535 (the host's SSH port)",
-    "ip": "ip= must be an IP address, e.g. ip=10.0.0.1",
-    "cpus": "cpus= is a whole number of logical CPUs >= 1, e.g. cpus=64",
-    "type": "type= is a GPU model such as H100",
-    "user": "user= is a login name such as root or ubuntu",
-}
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
@@ -326,40 +384,83 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _section_value(raw: str) -> Any:
-    """``key = value`` values are YAML scalars/flow lists, so ``true``, ``8``, ``[a, b]`` work."""
+def _section_value(key: str, raw: str) -> Any:
+    """A ``[cluster]`` value: the text written (pydantic types it), a quoted string, a flow list/map, or null.
+
+    ``env.*`` values are always the text written (quotes removed), so ``env.A = null`` is 'null'.
+    """
     raw = raw.strip()
     if not raw:
-        return None
+        return "" if key.startswith("env.") else None
     try:
-        return yaml.safe_load(raw)
+        value = _load_yaml(raw)
     except yaml.YAMLError:
         return raw
+    if key.startswith("env."):
+        return value if isinstance(value, str) and raw[:1] in "'\"" else raw
+    return value
 
 
-def _strip_comment(line: str) -> str:
-    # '#' starts a comment only at the start or after whitespace (image tags may not hold '#', but URLs could).
-    m = re.search(r"(^|\s)#", line)
+def _strip_comment(line: str, anywhere: bool) -> str:
+    # On host lines '#' starts a comment anywhere (FlagScale's 'slots=8#comment'); in [cluster]
+    # only at the start or after whitespace, since values such as URLs may hold '#'.
+    m = re.search(r"#" if anywhere else r"(^|\s)#", line)
     return (line[: m.start()] if m else line).strip()
+
+
+def _duplicates(hosts: list[Host], default_port: int, source: str) -> list[ConfigError]:
+    """The same SSH endpoint (address, port) twice, or two hosts giving Ray the same address."""
+    errors = []
+    endpoints: dict[tuple[str, int], Host] = {}
+    ray_ips: dict[str, Host] = {}
+    for h in hosts:
+        endpoint = (_canonical(h.address), h.port or default_port)
+        if endpoint in endpoints:
+            first = endpoints[endpoint]
+            errors.append(ConfigError(source, f"line {h.line}", f"host {h.address!r} (SSH port {endpoint[1]}) is "
+                                      f"listed twice (first on line {first.line})", "list each host once"))
+            continue
+        endpoints[endpoint] = h
+        ray_ip = _canonical(h.ray_ip)
+        if ray_ip in ray_ips:
+            first = ray_ips[ray_ip]
+            errors.append(ConfigError(source, f"line {h.line}", f"Ray address {h.ray_ip!r} is used twice (first "
+                                      f"on line {first.line}): one host would carry two Ray nodes",
+                                      "give each host its own ip= (the address Ray and NCCL use)"))
+            continue
+        ray_ips[ray_ip] = h
+    return errors
+
+
+def _canonical(address: str) -> str:
+    try:
+        return ipaddress.ip_address(address).compressed
+    except ValueError:
+        return address.lower().rstrip(".")
 
 
 def parse_hostfile_text(text: str, source: str = "<hostfile>", base: dict[str, Any] | None = None,
                         key_lines: dict[str, int] | None = None, line_offset: int = 0) -> ClusterConfig:
-    """Parse hostfile text (host lines, optional ``[cluster]`` section); all errors at once."""
+    """Parse hostfile text (host lines, optional ``[cluster]`` section); all errors at once.
+
+    Lines are split on '\\n' only (as editors count them); one pass, so time is linear in the text.
+    A UTF-8 byte-order mark at the very start is skipped (editors on Windows write one).
+    """
     errors: list[ConfigError] = []
     hosts: list[Host] = []
     settings: dict[str, Any] = dict(base or {})
     key_lines = dict(key_lines or {})
     section = "hosts"
-    for index, raw_line in enumerate(text.splitlines(), start=1):
+    for index, raw_line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
         lineno = index + line_offset
-        line = _strip_comment(raw_line)
+        where = f"line {lineno}"
+        line = _strip_comment(raw_line, anywhere=section != "cluster")
         if not line:
             continue
         if line.startswith("[") and line.endswith("]"):
             name = line[1:-1].strip().lower()
             if name not in ("cluster", "hosts"):
-                errors.append(ConfigError(source, f"line {lineno}", f"unknown section [{name}]",
+                errors.append(ConfigError(source, where, f"unknown section [{name}]",
                                           f"{_suggest(name, ['cluster', 'hosts'])}use [cluster] or [hosts]"))
                 section = "skip"
             else:
@@ -370,27 +471,20 @@ def parse_hostfile_text(text: str, source: str = "<hostfile>", base: dict[str, A
         if section == "cluster":
             key, eq, value = line.partition("=")
             key = key.strip()
-            if not eq or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
-                errors.append(ConfigError(source, f"line {lineno}", f"{line!r} is not 'key = value'",
+            if not eq or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+                errors.append(ConfigError(source, where, f"{line!r} is not 'key = value'",
                                           "write settings as e.g. 'ssh.user = root' or 'docker.image = IMAGE'"))
                 continue
             try:
-                _set_dotted(settings, key, _section_value(value))
+                _set_dotted(settings, key, _section_value(key, value))
                 key_lines[key] = lineno
             except ValueError as exc:
-                errors.append(ConfigError(source, f"line {lineno}", str(exc), "set each key once"))
+                errors.append(ConfigError(source, where, str(exc), "set each key once"))
             continue
         host = _parse_host_line(line, lineno, source, errors)
         if host is not None:
             hosts.append(host)
 
-    seen: dict[tuple[str, int | None], Host] = {}
-    for h in hosts:
-        key = (h.address, h.port)
-        if key in seen:
-            errors.append(ConfigError(source, f"line {h.line}", f"host {h.address!r} is listed twice "
-                                      f"(first on line {seen[key].line})", "list each host once"))
-        seen[key] = h
     heads = [h for h in hosts if h.head]
     if len(heads) > 1:
         errors.append(ConfigError(source, f"line {heads[1].line}", "more than one host is marked head "
@@ -411,6 +505,8 @@ def parse_hostfile_text(text: str, source: str = "<hostfile>", base: dict[str, A
     except TypeError as exc:  # settings not a mapping (YAML gave a scalar)
         errors.append(ConfigError(source, None, f"cluster settings are not a mapping: {exc}",
                                   "write settings as key: value pairs"))
+    default_port = parsed_settings.ssh.port if parsed_settings else SSHSettings.model_fields["port"].default
+    errors += _duplicates(hosts, default_port, source)
     if errors:
         raise ConfigErrors(errors)
     assert parsed_settings is not None
@@ -438,7 +534,8 @@ def _setting_fix(dotted: str) -> str:
             if hasattr(info.annotation, "model_fields") or ann.endswith("Settings") or "Settings" in ann:
                 return f"{dotted} is a section: set its keys, e.g. '{dotted}.<key> = value' (see docs/cluster.md)"
             desc = f" ({info.description})" if info.description else ""
-            return f"set {dotted} to a {ann} value{desc}"
+            quote = f"; quote it if it looks like a number, e.g. {dotted} = \"2.10\"" if "str" in ann else ""
+            return f"set {dotted} to a {ann} value{desc}{quote}"
         model = info.annotation
     return "check the key and its value against docs/cluster.md"
 
@@ -478,7 +575,7 @@ def _yaml_key_lines(text: str) -> dict[str, int]:
 def parse_yaml_config(text: str, source: str, base_dir: Path) -> ClusterConfig:
     """A YAML cluster file: settings plus ``hosts:`` (lines) or ``hostfile:`` (a path)."""
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else None
@@ -535,7 +632,7 @@ def load_hostfile(path: str | Path) -> ClusterConfig:
         line = text[: text.index("\x00")].count("\n") + 1
         raise ConfigError(source, f"line {line}", "contains a NUL byte", "save the hostfile as plain text")
     if path.suffix.lower() in (".yaml", ".yml"):
-        return parse_yaml_config(text, source, path.parent)
+        return parse_yaml_config(text.removeprefix("\ufeff"), source, path.parent)
     return parse_hostfile_text(text, source)
 
 

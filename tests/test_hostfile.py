@@ -8,8 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.errors import ConfigError
-from cluster.hosts import ClusterConfig, load_hostfile, parse_hostfile_text, parse_yaml_config, render_hostfile
+from cluster.errors import ConfigError, ConfigErrors
+from cluster.hosts import (
+    ClusterConfig,
+    hostfile_keys_markdown,
+    load_hostfile,
+    parse_hostfile_text,
+    parse_yaml_config,
+    render_hostfile,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +80,7 @@ def test_yaml_cluster_file(tmp_path: Path) -> None:
         ("bad_host! slots=8\n", "line 1: host: 'bad_host!' is not a hostname or an IP address"),
         ("slots=8 10.0.0.1\n", "line 1: line starts with 'slots=8', not a host"),
         ("a slots=1 head\nb slots=1 head\n", "line 2: more than one host is marked head (lines 1, 2)"),
-        ("a slots=1\na slots=1\n", "line 2: host 'a' is listed twice (first on line 1)"),
+        ("a slots=1\na slots=1\n", "line 2: host 'a' (SSH port 22) is listed twice (first on line 1)"),
         ("# only comments\n\n", "no hosts listed"),
         ("a slots=1\n[clustr]\n", "line 2: unknown section [clustr]\n  fix: did you mean 'cluster'?"),
         ("a slots=1\n[cluster]\nssh.usr = x\n", "line 3: ssh.usr: Extra inputs are not permitted"),
@@ -128,6 +135,124 @@ def test_example_hostfiles_load(path: Path) -> None:
     assert isinstance(cfg, ClusterConfig) and cfg.hosts
 
 
+# ------------------------------------------------- the cases of issue 10 (a 57-case corpus)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Only ASCII digits: str.isdigit() took these, and int('²') raised a bare ValueError.
+        ("a slots=\u00b2\n", "line 1: holds '\u00b2' (U+00B2, SUPERSCRIPT TWO); host lines are plain ASCII"),
+        ("a slots=\uff18\n", "line 1: holds '\uff18' (U+FF18, FULLWIDTH DIGIT EIGHT)"),
+        ("a slots=8 port=\u0662\u0662\n", "line 1: holds '\u0662' (U+0662, ARABIC-INDIC DIGIT TWO)"),
+        ("a slots=8\u200b\n", "ZERO WIDTH SPACE"),
+        ("a slots=1\n\ufeffb slots=1\n", "line 2: holds '\\ufeff' (U+FEFF, a byte-order mark (BOM))"),
+        # Duplicates by SSH endpoint (address, effective port) and by the address Ray uses.
+        ("a slots=1\na slots=1 port=22\n", "line 2: host 'a' (SSH port 22) is listed twice (first on line 1)"),
+        ("A slots=1\na. slots=1\n", "line 2: host 'a.' (SSH port 22) is listed twice (first on line 1)"),
+        ("a slots=1 port=2222\na slots=1\n[cluster]\nssh.port = 2222\n", "line 2: host 'a' (SSH port 2222) is listed twice"),
+        ("::1 slots=1\n0::1 slots=1\n", "line 2: host '0::1' (SSH port 22) is listed twice"),
+        ("a slots=1 ip=10.0.0.1\nb slots=1 ip=10.0.0.1\n",
+         "line 2: Ray address '10.0.0.1' is used twice (first on line 1): one host would carry two Ray nodes\n"
+         "  fix: give each host its own ip="),
+        ("10.0.0.1 slots=1\nb slots=1 ip=10.0.0.1\n", "line 2: Ray address '10.0.0.1' is used twice"),
+        ("a slots=1 port=2222\na slots=1 port=2223\n", "line 2: Ray address 'a' is used twice"),
+        # FlagScale's extra tokens: rejected, since fleetserve would not honour them.
+        ("a slots=8 gpus=0,1\n", "line 1: unknown key 'gpus'\n  fix: remove it: fleetserve has no per-host GPU list"),
+        ("a slots=8 head=maybe\n", "line 1: head='maybe' is not true or false"),
+        ("a slots=8 port\n", "line 1: 'port' has no value\n  fix: set port= to the SSH port"),
+        ("a slots=8 junk\n", "line 1: 'junk' is not key=value"),
+        ("a slots=99999999\n", "line 1: slots='99999999' is not a whole number"),
+    ],
+)
+def test_issue10_hostfile_errors(text: str, expected: str) -> None:
+    msg = errors_of(text)
+    assert expected in msg, msg
+    assert "Traceback" not in msg
+
+
+def test_byte_order_mark_at_the_start_is_skipped(tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a BOM; it is not part of the first host's name."""
+    path = tmp_path / "hf"
+    path.write_bytes("\ufeff10.1.1.1 slots=8\n".encode())
+    assert load_hostfile(path).hosts[0].address == "10.1.1.1"
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_bytes("\ufeffhosts: ['10.1.1.1 slots=8']\n".encode())
+    assert load_hostfile(yaml_path).hosts[0].address == "10.1.1.1"
+
+
+WRITTEN = ["yes", "010", "1:30", "0x1F", "off", "3.0", "null", "~", "1e3", "a: b", "[x]", "a#x"]
+
+
+def test_env_values_stay_the_text_written() -> None:
+    """No YAML 1.1 typing: 'yes' was True, '010' 8, '1:30' 90, '0x1F' 31, 'off' False."""
+    lines = [f"env.V{i} = {v}" for i, v in enumerate(WRITTEN)]
+    cfg = parse_hostfile_text("a slots=1\n[cluster]\n" + "\n".join(lines) + "\nenv.Q = 'quoted' # comment\nenv.E =\n", "hf")
+    expected = {f"V{i}": v for i, v in enumerate(WRITTEN)}
+    assert cfg.settings.env == {**expected, "Q": "quoted", "E": ""}
+
+
+def test_yaml_config_values_stay_the_text_written() -> None:
+    values = {k: v for k, v in zip(("A", "B", "C", "D", "E"), ("yes", "010", "1:30", "0x1F", "off"))}
+    text = "hosts: ['a slots=1']\nenv:\n" + "".join(f"  {k}: {v}\n" for k, v in values.items())
+    text += "ray:\n  version: 2.10\n  port: 6380\nssh:\n  use_agent: off\n"
+    cfg = parse_yaml_config(text, "c.yaml", Path("."))
+    assert cfg.settings.env == values
+    # 2.10 stays '2.10' (YAML 1.1 made it the float 2.1); typed settings are still typed.
+    assert cfg.settings.ray.version == "2.10" and cfg.settings.ray.port == 6380 and cfg.settings.ssh.use_agent is False
+    with pytest.raises(ConfigError, match=r"env\.A is a list, not a string"):
+        parse_yaml_config("hosts: ['a slots=1']\nenv:\n  A: [1, 2]\n", "c.yaml", Path("."))
+
+
+def test_ray_version_is_the_text_written_and_a_list_says_quote() -> None:
+    assert parse_hostfile_text("a slots=1\n[cluster]\nray.version = 3.0\n", "hf").settings.ray.version == "3.0"
+    assert parse_hostfile_text("a slots=1\n[cluster]\nray.version = 2.10\n", "hf").settings.ray.version == "2.10"
+    msg = errors_of("a slots=1\n[cluster]\nray.version = [3]\n")
+    assert "line 3: ray.version" in msg and 'quote it if it looks like a number, e.g. ray.version = "2.10"' in msg
+
+
+@pytest.mark.parametrize("text", ["a slots=\u0038\n", "a slots=8 port=22\n", "a slots=8 cpus=64\n"])
+def test_ascii_digits_accepted(text: str) -> None:
+    assert parse_hostfile_text(text, "hf").hosts[0].slots == 8
+
+
+def test_non_ascii_digits_in_cluster_section_rejected() -> None:
+    msg = errors_of("a slots=1\n[cluster]\nssh.port = \u0662\u0662\nray.num_cpus = \uff18\n")
+    assert "line 3: ssh.port: Input should be a valid integer" in msg and "line 4: ray.num_cpus" in msg
+
+
+def test_flagscale_comments_underscores_and_crlf() -> None:
+    cfg = parse_hostfile_text("node_1 slots=8#comment\r\nnode_2 slots=8 type=A800# c\r\n", "hf")
+    assert [(h.address, h.slots, h.gpu_type) for h in cfg.hosts] == [("node_1", 8, None), ("node_2", 8, "A800")]
+
+
+def test_large_file_is_linear_and_its_errors_capped() -> None:
+    """20,000 hosts without slots= (12 s and 1.2 MB of output before): every error kept, 20 shown."""
+    text = "".join(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}\n" for i in range(20_000))
+    with pytest.raises(ConfigErrors) as err:
+        parse_hostfile_text(text, "hf")
+    assert len(err.value.errors) == 20_000
+    msg = str(err.value)
+    assert msg.count("has no slots=") == 20 and msg.endswith("... and 19980 more errors")
+
+
+def test_docs_key_table_is_the_parser_table() -> None:
+    assert hostfile_keys_markdown() in (REPO / "docs" / "cluster.md").read_text()
+
+
+def test_repo_paths_named_in_readme_and_deployments_exist_and_parse() -> None:
+    """The README and the deployment files' comments name hostfiles a new user will pass to `fleetserve up`."""
+    import re
+
+    named: set[str] = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "deployments").glob("*.yaml"))]:
+        named |= set(re.findall(r"hostfiles/[A-Za-z0-9_.-]+", doc.read_text()))
+    assert "hostfiles/h100x8.hostfile" in named
+    for rel in sorted(named):
+        cfg = load_hostfile(REPO / rel)
+        assert cfg.hosts, rel
+
+
 # ------------------------------------------------------------------------ fuzzing
 
 _token = st.one_of(
@@ -157,6 +282,30 @@ def test_fuzz_hostfile_only_clear_errors(text: str) -> None:
     assert cfg.hosts and all(h.slots >= 1 for h in cfg.hosts)
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_fuzz_arbitrary_unicode_only_clear_errors(text: str) -> None:
+    """Any Unicode text, including after a valid first line and inside [cluster]."""
+    for candidate in (text, "a slots=1\n" + text, "a slots=1\n[cluster]\n" + text):
+        try:
+            parse_hostfile_text(candidate, "fuzz")
+        except ConfigError as exc:
+            assert str(exc).startswith("fuzz")
+            for err in getattr(exc, "errors", [exc]):
+                assert err.problem and err.fix, f"error without a fix: {err}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from(["hf", "c.yaml"]))
+def test_fuzz_hostfile_bytes_only_clear_errors(tmp_path_factory: pytest.TempPathFactory, data: bytes, name: str) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / name
+    path.write_bytes(data)
+    try:
+        load_hostfile(path)
+    except ConfigError as exc:
+        assert str(exc).startswith(str(path))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10), st.floats(allow_nan=True)),
                     lambda children: st.one_of(st.lists(children, max_size=3),
@@ -172,3 +321,15 @@ def test_fuzz_yaml_config_only_clear_errors(data: object) -> None:
         parse_yaml_config(text, "fuzz.yaml", Path("/nonexistent-dir"))
     except ConfigError as exc:
         assert str(exc).startswith("fuzz.yaml") or "/nonexistent-dir" in str(exc)
+
+
+def test_up_help_shows_the_cluster_section() -> None:
+    """Rich markup took ``[cluster]`` for a style tag and printed 'optional  section'."""
+    import subprocess
+    import sys
+
+    fleetserve = Path(sys.executable).parent / "fleetserve"
+    r = subprocess.run([str(fleetserve), "up", "--help"], capture_output=True, text=True, timeout=120,
+                       env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+    assert r.returncode == 0, r.stderr
+    assert "optional [cluster] section" in r.stdout, r.stdout

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cluster.errors import FleetserveError
 
-HostfileArg = Annotated[Path, typer.Argument(help="Hostfile (FlagScale format, optional [cluster] section) or cluster YAML.")]
+HostfileArg = Annotated[Path, typer.Argument(help="Hostfile (FlagScale format, optional \\[cluster] section) or cluster YAML.")]
 OptHostfileArg = Annotated[
     Optional[Path], typer.Argument(help="Hostfile; default: the one the last `fleetserve up` used.")
 ]

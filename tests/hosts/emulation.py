@@ -1,14 +1,23 @@
 """Real SSH hosts emulated on one machine (root only), for fleetserve's cluster tests.
 
 Each host is a network namespace ``fs-hN`` on a private bridge (``fsbr0``,
-10.203.0.0/24) running its own ``sshd``, inside its own PID namespace with a
-private tmpfs on ``/run`` and ``/dev/shm``:
+10.203.0.0/24) running its own ``sshd``, inside its own PID and mount
+namespaces with private tmpfs on ``/run``, ``/dev/shm`` and ``/tmp``:
 
 * the PID namespace is why ``ray stop`` on one host stops only that host's Ray
   (and why killing the namespace's init tears the whole host down at once);
 * ``/run`` is private so sshd has its ``/run/sshd`` and Ray's ``--temp-dir``
   (``/run/fleetserve-ray``) never collides between hosts;
-* ``/dev/shm`` is private so the preflight's shm check sees a per-host size.
+* ``/dev/shm`` is private so the preflight's shm check sees a per-host size;
+* ``/tmp`` is private so Ray's ``/tmp/ray`` (``ray stop`` removes
+  ``/tmp/ray/ray_current_cluster``) on a host never touches this machine's; only
+  the emulator's work directory is bound back in, where it lies under ``/tmp``.
+
+Teardown kills every process in the host's network or PID namespace (found by
+namespace, not by name: sshd renames itself, so its command line does not
+match), waits until none is left, then removes veth, netns and bridge. The
+namespace ids are recorded in ``hosts.json``, so ``stop`` from another process
+finds what ``start`` left.
 
 The hosts share this machine's filesystem, so they all run the same venv.
 Written by hand because no library does netns + sshd + PID namespaces; it
@@ -74,6 +83,7 @@ class EmulatedHost:
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    recorded_ns: dict[str, str] = field(default_factory=dict)  # from hosts.json, for a stop in another process
 
     @property
     def name(self) -> str:
@@ -110,6 +120,19 @@ class EmulatedHost:
         if not children:
             raise RuntimeError("namespace init not started")
         return int(children[0])
+
+    def namespace_ids(self) -> dict[str, str]:
+        """This host's ``net:[inode]`` and ``pid:[inode]`` (empty where gone), to find its processes later."""
+        ids = {}
+        try:
+            ids["net"] = f"net:[{os.stat(f'/run/netns/{self.netns}').st_ino}]"
+        except OSError:
+            pass
+        try:
+            ids["pid"] = os.readlink(f"/proc/{self._init_pid()}/ns/pid")
+        except (OSError, RuntimeError, AssertionError):
+            pass
+        return ids
 
     def process_names(self) -> list[str]:
         names = []
@@ -186,14 +209,23 @@ class HostEmulator:
         )
         # PID 1 of the host is sshd itself: it reaps orphans (Ray's daemons), and
         # killing it (or unshare, via --kill-child) takes the whole host down.
-        script = (
-            f"mount -t tmpfs -o size=256m,mode=755 tmpfs /run && mkdir -p /run/sshd && "
-            f"mount -t tmpfs -o size={shm_size},mode=1777 tmpfs /dev/shm && "
-            f"exec /usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}"
-        )
+        # The work directory (keys, sshd_config, fake site dirs) must stay visible on the host
+        # when it lies under the private /tmp: park a bind of it in /run, mount /tmp, bind it back.
+        workdir = self.workdir.resolve()
+        keep = workdir.is_relative_to("/tmp")
+        script = " && ".join([
+            "mount -t tmpfs -o size=256m,mode=755 tmpfs /run", "mkdir -p /run/sshd",
+            f"mount -t tmpfs -o size={shm_size},mode=1777 tmpfs /dev/shm",
+            *(["mkdir /run/workdir", f"mount --bind {workdir} /run/workdir"] if keep else []),
+            "mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp",
+            *([f"mkdir -p {workdir}", f"mount --bind /run/workdir {workdir}", "umount /run/workdir",
+               "rmdir /run/workdir"] if keep else []),
+            f"exec /usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}",
+        ])
         log = open(host.dir / "sshd.log", "wb")
         host.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+            ["ip", "netns", "exec", netns, "unshare", "--pid", "--mount", "--propagation", "private", "--fork",
+             "--mount-proc", "--kill-child",
              "sh", "-c", script],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -242,32 +274,24 @@ class HostEmulator:
         if host is not None:
             self._cleanup_host_leftovers(host)
 
-    def _cleanup_host_leftovers(self, host: EmulatedHost) -> None:
-        if host.proc is not None and host.proc.poll() is None:
-            try:
-                init = host._init_pid()
-                os.kill(init, signal.SIGKILL)  # the kernel then kills everything in the PID namespace
-            except (OSError, RuntimeError):
-                pass
-            host.proc.kill()
-            try:
-                host.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        else:
-            # A previous run that crashed: its namespace init is still running sshd -f <our config>.
-            cfg = str(host.dir / "sshd_config")
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    try:
-                        cmd = (entry / "cmdline").read_bytes().split(b"\0")
-                    except OSError:
-                        continue
-                    if cmd[:1] == [b"/usr/sbin/sshd"] and cfg.encode() in cmd:
-                        try:
-                            os.kill(int(entry.name), signal.SIGKILL)
-                        except OSError:
-                            pass
+    def _cleanup_host_leftovers(self, host: EmulatedHost, timeout: float = 15.0) -> None:
+        """Kill every process of the host (by namespace), wait until they are gone, remove veth and netns."""
+        ids = {**host.recorded_ns, **host.namespace_ids()}
+        deadline = time.monotonic() + timeout
+        while True:
+            left = namespace_pids(ids)
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host.name}: processes {sorted(left)} survived SIGKILL for {timeout}s")
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        if host.proc is not None:
+            host.proc.wait(timeout=timeout)  # reap unshare
         _run("ip", "link", "del", host.veth, check=False)
         _run("ip", "netns", "del", host.netns, check=False)
 
@@ -275,6 +299,23 @@ class HostEmulator:
         for index in list(self.hosts):
             self.remove_host(index)
         _run("ip", "link", "del", self.bridge, check=False)
+
+
+def namespace_pids(ids: dict[str, str]) -> set[int]:
+    """PIDs (on this machine) of live processes in any of the namespaces ``ids`` (``net:[..]``/``pid:[..]``)."""
+    wanted = {(kind, ns) for kind, ns in ids.items()}
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        for kind in ("net", "pid"):
+            try:
+                if (kind, os.readlink(entry / "ns" / kind)) in wanted:
+                    out.add(int(entry.name))
+                    break
+            except OSError:  # gone, or a zombie (its namespaces are released)
+                break
+    return out
 
 
 def default_settings(emu: HostEmulator) -> dict[str, str]:
@@ -294,6 +335,8 @@ def default_settings(emu: HostEmulator) -> dict[str, str]:
         "ray.min_shm_bytes": str(512 * 1024 * 1024),
         "ray.join_timeout": "60",
         "env.RAY_DEDUP_LOGS": "0",
+        # Each host's /tmp is private and fresh: share torch's compile cache between hosts and runs.
+        "env.TORCHINDUCTOR_CACHE_DIR": str(emu.workdir / "torchinductor"),
         # Ray's dashboard gives each module 30 s to start; a loaded 2-core CI box needs longer.
         "env.RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "240",
     }
@@ -303,13 +346,14 @@ def _main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     sub = parser.add_subparsers(dest="cmd", required=True)
     start = sub.add_parser("start")
     start.add_argument("n", type=int)
     start.add_argument("--slots", type=int, default=2)
     sub.add_parser("stop")
     args = parser.parse_args(argv)
-    emu = HostEmulator()
+    emu = HostEmulator(args.workdir)
     state = emu.workdir / "hosts.json"
     if args.cmd == "start":
         why = missing_requirements()
@@ -318,14 +362,15 @@ def _main(argv: list[str]) -> int:
             return 2
         emu.setup()
         for i in range(1, args.n + 1):
-            # Detach: the namespaces must outlive this CLI process.
-            emu.add_host(i)
-        state.write_text(json.dumps({i: h.ip for i, h in emu.hosts.items()}))
+            emu.add_host(i)  # the namespaces outlive this process (sshd runs in its own session)
+            state.write_text(json.dumps({i: {"ip": h.ip, "ns": h.namespace_ids()} for i, h in emu.hosts.items()}))
         print(emu.hostfile(slots=args.slots))
         return 0
-    indices = json.loads(state.read_text()) if state.exists() else {}
-    for i in indices:
-        emu.hosts[int(i)] = EmulatedHost(int(i), indices[i], f"{NS_PREFIX}{i}", f"fsv{i}", emu.workdir / f"{NS_PREFIX}{i}")
+    recorded = json.loads(state.read_text()) if state.exists() else {}
+    for i, rec in recorded.items():
+        rec = rec if isinstance(rec, dict) else {"ip": rec, "ns": {}}
+        emu.hosts[int(i)] = EmulatedHost(int(i), rec["ip"], f"{NS_PREFIX}{i}", f"fsv{i}",
+                                         emu.workdir / f"{NS_PREFIX}{i}", recorded_ns=rec["ns"])
     emu.teardown()
     state.unlink(missing_ok=True)
     return 0

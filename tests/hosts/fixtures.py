@@ -32,7 +32,8 @@ def require_emulation() -> None:
 @pytest.fixture(scope="module")
 def host_emulator() -> Iterator[HostEmulator]:
     """A bridge + client key; tests add hosts with ``add_host(i)``. Everything is removed at the end:
-    every host's PID namespace is killed (so every process started in it dies), then veths, netns, bridge."""
+    every process in each host's network and PID namespaces is killed and waited for (teardown raises if
+    one survives), then veths, netns, bridge."""
     require_emulation()
     emu = HostEmulator(WORKDIR)
     try:
