@@ -57,9 +57,9 @@ def _error(code: int, message: str, err_type: str, headers: dict[str, str] | Non
     return JSONResponse(status_code=code, content=body, headers=headers)
 
 
-def _image_urls(body: Any) -> list[str]:
-    """The URLs of every image input of a chat request, in order ("" for inline PIL/embeds parts)."""
-    urls: list[str] = []
+def _image_urls(body: Any) -> list[Any]:
+    """The URLs of every image input of a chat request, in order (None for inline PIL/embeds parts)."""
+    urls: list[Any] = []
     for message in body.messages or []:
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
         if not isinstance(content, list):
@@ -68,13 +68,13 @@ def _image_urls(body: Any) -> list[str]:
             part = part if isinstance(part, dict) else getattr(part, "model_dump", lambda: {})()
             if part.get("type") == "image_url":
                 image = part.get("image_url") or {}
-                urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
+                urls.append(image.get("url", "") if isinstance(image, dict) else image)
             elif part.get("type") in ("image_pil", "image_embeds"):
-                urls.append("")
+                urls.append(None)
     return urls
 
 
-def check_images(urls: list[str], max_images: int | None, max_bytes: int, model: str,
+def check_images(urls: list[Any], max_images: int | None, max_bytes: int, model: str,
                  max_pixels: int = MediaPolicy().max_image_pixels) -> None:
     """Reject what no replica could serve: too many images, other URL schemes, bad or huge data URLs.
 
@@ -87,10 +87,12 @@ def check_images(urls: list[str], max_images: int | None, max_bytes: int, model:
             f"{max_images} per prompt (limit_mm_per_prompt.image)",
         )
     for i, url in enumerate(urls):
-        if not isinstance(url, str):
-            raise RequestRejected(400, f"image {i}: image_url.url must be a string")
+        if url is None:
+            continue
+        if not isinstance(url, str) or not url:
+            raise RequestRejected(400, f"image {i}: image_url.url must be a non-empty string")
         if not url.startswith("data:"):
-            if url and not url.startswith(("http://", "https://")):
+            if not url.startswith(("http://", "https://")):
                 raise RequestRejected(400, f"image {i}: only http(s):// and data: image URLs are accepted")
             continue
         header, sep, payload = url.partition(",")
