@@ -10,6 +10,12 @@ errors into OpenAI error bodies. This subclass adds only:
   ``limit_mm_per_prompt`` and ``data:`` images that do not decode are answered
   400 here with the reason (vLLM would otherwise fail them deep in its
   multimodal processor after the request was scheduled).
+* Endpoint hardening (spec ``endpoint:``, docs/security.md): request limits
+  (:mod:`cluster.serving.limits`), http(s) images fetched here under the media
+  policy and handed to the replica as ``data:`` URLs (:mod:`cluster.serving.media`),
+  a per-model in-flight bound (503 + ``Retry-After`` when full), and engine
+  errors cut to their first sentence. API keys, the body size limit and the
+  scrubbing of 500s are ASGI middleware added in ``app.compose_app``.
 * Retries of requests that failed before any byte reached the client (the
   replica died or none could take it), then 503 with ``Retry-After`` rather
   than a hang. A response that already started streaming is never replayed.
