@@ -45,6 +45,7 @@ SPEC_OWNED_ENGINE_ARGS = {
     "limit_mm_per_prompt": "limit_mm_per_prompt",
     "load_format": "model.load_format",
     "distributed_executor_backend": "(chosen by fleetserve: Ray for TP x PP > 1)",
+    "enable_log_requests": "endpoint.log_prompts",
 }
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -313,6 +314,127 @@ class DeploymentSpec(_Strict):
         return 128 * world if self.accelerator == "CPU" else 1024
 
 
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True when an HTTP listen address is reachable only from the machine itself."""
+    import ipaddress
+
+    host = (host or "127.0.0.1").strip("[]").lower()
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MediaPolicy(_Strict):
+    """How the ingress fetches ``image_url`` http(s) URLs (vLLM never fetches them itself)."""
+
+    allowed_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts images may come from (`example.com`, `*.example.com`); empty: any public host.",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the non-public address denial (e.g. an internal image store). "
+        "Loopback, private, link-local, multicast, reserved and cloud-metadata addresses are denied otherwise.",
+    )
+    fetch_timeout_s: float = Field(default=10.0, gt=0, le=60, description="One total deadline per image.")
+    max_redirects: int = Field(default=3, ge=0, le=10, description="Each hop is checked again; 0: redirects refused.")
+    max_image_pixels: int = Field(
+        default=40_000_000, gt=0, description="Width x height limit, checked from the header before decoding.",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR; write e.g. 10.1.2.0/24 or 127.0.0.1/32") from None
+        return value
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for domain in value:
+            d = domain.strip().lower().rstrip(".")
+            if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", d):
+                raise ValueError(f"{domain!r} is not a host name; write example.com or *.example.com")
+            out.append(d)
+        return out
+
+
+class RequestLimits(_Strict):
+    """Per-request bounds the ingress enforces before a replica sees the request."""
+
+    max_n: int = Field(default=8, ge=1, description="Largest `n` (and `best_of`) a request may ask for.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Largest `max_tokens`; default: only the model's context length bounds it.",
+    )
+    max_body_bytes: int = Field(default=64 << 20, gt=0, description="Larger request bodies are answered 413.")
+    max_queued_requests: int = Field(
+        default=256, ge=1,
+        description="Requests in flight per model and ingress replica; beyond it 503 + Retry-After at once.",
+    )
+
+
+class EndpointSpec(_Strict):
+    """Who may use the OpenAI endpoint and what one request may cost.
+
+    API keys never sit in the YAML: ``api_keys_env`` names an environment
+    variable and ``api_keys_file`` a file (one key per line). Both are read
+    where Serve builds the app (see docs/security.md), and only their SHA-256
+    digests reach the ingress.
+    """
+
+    api_keys_env: str | None = Field(default=None, description="Name of an env var holding keys (comma/newline separated).")
+    api_keys_file: str | None = Field(default=None, description="File with one key per line (# comments).")
+    allow_unauthenticated: bool = Field(
+        default=False, description="Serve without keys on a non-loopback address, on purpose.",
+    )
+    log_prompts: bool = Field(default=False, description="Let vLLM log each request's prompt (off: prompts stay out of logs).")
+    media: MediaPolicy = Field(default_factory=MediaPolicy)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+
+    @field_validator("api_keys_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(
+                "must be the NAME of an environment variable (e.g. FLEETSERVE_API_KEYS), never a key itself"
+            )
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _key_path(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value else value
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
+
+
+def check_endpoint_exposure(endpoint: EndpointSpec, host: str | None, source: Any, key: str, host_key: str) -> list[ConfigError]:
+    """A deployment listening beyond loopback must have API keys, or say on purpose that it has none."""
+    if endpoint.has_keys or endpoint.allow_unauthenticated or is_loopback_host(host):
+        return []
+    return [ConfigError(
+        source, key,
+        f"the endpoint listens on {host} ({host_key}), beyond this machine, and has no API keys",
+        f"set {key}.api_keys_env: VAR or {key}.api_keys_file: PATH (keys never in the YAML), "
+        f"or {key}.allow_unauthenticated: true to serve it open on purpose",
+    )]
+
+
 class ServingArgs(_Strict):
     """The ``args:`` of one Serve application: one model, or several behind one endpoint."""
 
@@ -320,6 +442,7 @@ class ServingArgs(_Strict):
     ingress_replicas: int = Field(default=1, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
     retry_attempts: int = Field(default=2, ge=0, description="Retries of a request that no replica could start.")
+    endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServingArgs:
@@ -331,7 +454,7 @@ class ServingArgs(_Strict):
         return self
 
 
-_SERVING_KEYS = {"ingress_replicas", "request_timeout_s", "retry_attempts"}
+_SERVING_KEYS = {"ingress_replicas", "request_timeout_s", "retry_attempts", "endpoint"}
 
 
 def load_serving_args(
@@ -566,6 +689,9 @@ def load_serve_config(path: str | Path, overrides: list[str] | None = None,
             continue  # not a fleetserve app: Serve validates it itself
         try:
             validated[name] = load_serving_args(app.get("args") or {}, path, key_prefix=f"applications.{i}.args.")
+            host = (raw.get("http_options") or {}).get("host")
+            errors += check_endpoint_exposure(validated[name].endpoint, host, path, f"applications.{i}.args.endpoint",
+                                              "http_options.host")
         except ConfigErrors as exc:
             errors += exc.errors
         except ConfigError as exc:

@@ -166,6 +166,8 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
     # Idle OpenMP threads sleep instead of spinning: an engine between requests
     # must leave the shared cores to a replica that is starting.
     args["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] = "PASSIVE"
+    # Listens on 0.0.0.0 inside the emulated hosts' network; the fault tests send no key.
+    args["endpoint"] = {"allow_unauthenticated": True}
     config = work / "serve.yaml"
     config.write_text(yaml.safe_dump({
         # Clients use the head's proxy; worker hosts only run replicas.

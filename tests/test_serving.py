@@ -77,6 +77,8 @@ def app(tiny_model, ray_local):
     args["model"]["source"] = str(tiny_model)
     args["replicas"] = 2
     args["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    # image_server listens on 127.0.0.1, which the media policy denies unless allowed.
+    args["endpoint"] = {"media": {"allowed_networks": ["127.0.0.1/32"]}}
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     t0 = time.time()
     serve.run(build_app(args), name="tiny", route_prefix="/", blocking=False)

@@ -20,7 +20,8 @@ from typing import Any
 
 from cluster.kernels import engine_overrides, runtime_env_vars
 from cluster.serving.placement import replica_placement
-from cluster.spec import DeploymentSpec, ServingArgs, check_world_size, load_serving_args
+from cluster.serving.auth import load_key_digests
+from cluster.spec import DeploymentSpec, ServingArgs, check_endpoint_exposure, check_world_size, load_serving_args
 from cluster.errors import ConfigErrors
 
 SERVER_CLS = "cluster.serving.engine:FleetLLMServer"
@@ -121,18 +122,43 @@ def build_app(args: dict[str, Any]):
     """
     serving = load_serving_args(args, source="Serve application args", key_prefix="args.", in_cluster=_in_cluster_task())
     _check_live_cluster(serving)
-    return compose_app(serving)
+    problems = check_endpoint_exposure(serving.endpoint, _serve_http_host(), "Serve application args",
+                                       "args.endpoint", "Serve's http_options.host")
+    if problems:
+        raise ConfigErrors(problems)
+    # Keys are read here, where Serve builds the app; only their digests go on.
+    return compose_app(serving, api_key_digests=load_key_digests(serving.endpoint, "Serve application args"))
 
 
-def compose_app(serving: ServingArgs):
+def _serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies listen on, from the running controller; None if none runs yet."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    return ray.get(client._controller.get_http_config.remote()).host
+
+
+def compose_app(serving: ServingArgs, api_key_digests: tuple[bytes, ...] = ()):
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.llm._internal.serve.core.ingress.ingress import init as fastapi_init
     from ray.serve.llm.ingress import make_fastapi_ingress
 
+    from cluster.serving.auth import ApiKeyMiddleware
     from cluster.serving.ingress import FLEET_ENDPOINTS, FleetIngress
+    from cluster.serving.limits import BodyLimitMiddleware, HideServerErrorsMiddleware
 
-    llm_configs = [LLMConfig(**llm_config_for(spec)) for spec in serving.models]
+    configs = [llm_config_for(spec) for spec in serving.models]
+    for config in configs:
+        config["engine_kwargs"]["enable_log_requests"] = serving.endpoint.log_prompts
+    llm_configs = [LLMConfig(**config) for config in configs]
     deployments = {c.model_id: build_llm_deployment(c) for c in llm_configs}
     cards = {spec.served_name: to_model_metadata(spec.served_name, config, overrides=_modalities(spec))
              for spec, config in zip(serving.models, llm_configs)}
@@ -140,7 +166,13 @@ def compose_app(serving: ServingArgs):
         spec.served_name: {"max_images": spec.limit_mm_per_prompt.get("image"), "max_image_bytes": spec.max_image_bytes}
         for spec in serving.models
     }
-    ingress = make_fastapi_ingress(FleetIngress, endpoint_map=FLEET_ENDPOINTS)
+    # Starlette runs the middleware added last first: 500s are scrubbed around
+    # everything, keys are checked before the body is read, then its size.
+    fastapi_app = fastapi_init()
+    fastapi_app.add_middleware(BodyLimitMiddleware, max_bytes=serving.endpoint.limits.max_body_bytes)
+    fastapi_app.add_middleware(ApiKeyMiddleware, digests=api_key_digests)
+    fastapi_app.add_middleware(HideServerErrorsMiddleware)
+    ingress = make_fastapi_ingress(FleetIngress, endpoint_map=FLEET_ENDPOINTS, app=fastapi_app)
     options = FleetIngress.get_deployment_options(llm_configs)
     options.pop("autoscaling_config", None)
     options.update(
@@ -156,4 +188,5 @@ def compose_app(serving: ServingArgs):
         input_limits=limits,
         retry_attempts=serving.retry_attempts,
         request_timeout_s=serving.request_timeout_s,
+        endpoint=serving.endpoint,
     )

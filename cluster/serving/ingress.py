@@ -10,6 +10,12 @@ errors into OpenAI error bodies. This subclass adds only:
   ``limit_mm_per_prompt`` and ``data:`` images that do not decode are answered
   400 here with the reason (vLLM would otherwise fail them deep in its
   multimodal processor after the request was scheduled).
+* Endpoint hardening (spec ``endpoint:``, docs/security.md): request limits
+  (:mod:`cluster.serving.limits`), http(s) images fetched here under the media
+  policy and handed to the replica as ``data:`` URLs (:mod:`cluster.serving.media`),
+  a per-model in-flight bound (503 + ``Retry-After`` when full), and engine
+  errors cut to their first sentence. API keys, the body size limit and the
+  scrubbing of 500s are ASGI middleware added in ``app.compose_app``.
 * Retries of requests that failed before any byte reached the client (the
   replica died or none could take it), then 503 with ``Retry-After`` rather
   than a hang. A response that already started streaming is never replayed.
@@ -28,17 +34,21 @@ import base64
 import contextlib
 import dataclasses
 import binascii
-import io
 import logging
 import time
 from typing import Any
 
 from fastapi import HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from cluster.serving.limits import InFlight, RequestRejected, check_request
+from cluster.serving.media import ImageFetcher, check_image_bytes, image_parts, media_url_problem, to_data_url
 from cluster.serving.status import failure_reason
+from cluster.spec import EndpointSpec, MediaPolicy
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,17 +70,9 @@ def _error(code: int, message: str, err_type: str, headers: dict[str, str] | Non
     return JSONResponse(status_code=code, content=body, headers=headers)
 
 
-class InputRejected(Exception):
-    """A request that breaks a documented input limit; becomes a 4xx."""
-
-    def __init__(self, code: int, message: str, err_type: str = "BadRequestError"):
-        super().__init__(message)
-        self.code, self.message, self.err_type = code, message, err_type
-
-
-def _image_parts(body: Any) -> list[str]:
-    """The URLs of every image part in a chat request, in order."""
-    urls: list[str] = []
+def _image_urls(body: Any) -> list[Any]:
+    """The URLs of every image input of a chat request, in order (None for inline PIL/embeds parts)."""
+    urls: list[Any] = []
     for message in body.messages or []:
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
         if not isinstance(content, list):
@@ -79,57 +81,57 @@ def _image_parts(body: Any) -> list[str]:
             part = part if isinstance(part, dict) else getattr(part, "model_dump", lambda: {})()
             if part.get("type") == "image_url":
                 image = part.get("image_url") or {}
-                urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
+                urls.append(image.get("url", "") if isinstance(image, dict) else image)
             elif part.get("type") in ("image_pil", "image_embeds"):
-                urls.append("")
+                urls.append(None)
     return urls
 
 
-def check_images(urls: list[str], max_images: int | None, max_bytes: int, model: str) -> None:
-    """Reject what no replica could serve: too many images, undecodable data URLs."""
+def check_images(urls: list[Any], max_images: int | None, max_bytes: int, model: str,
+                 max_pixels: int = MediaPolicy().max_image_pixels) -> None:
+    """Reject what no replica could serve: too many images, other URL schemes, bad or huge data URLs.
+
+    http(s) URLs pass here; the ingress fetches them (:mod:`cluster.serving.media`).
+    """
     if max_images is not None and len(urls) > max_images:
-        raise InputRejected(
+        raise RequestRejected(
             400,
             f"too many images: the request has {len(urls)} and model {model!r} accepts at most "
             f"{max_images} per prompt (limit_mm_per_prompt.image)",
         )
     for i, url in enumerate(urls):
+        if url is None:
+            continue
+        if not isinstance(url, str) or not url:
+            raise RequestRejected(400, f"image {i}: image_url.url must be a non-empty string")
         if not url.startswith("data:"):
-            if url and not url.startswith(("http://", "https://", "file:")):
-                raise InputRejected(400, f"image {i}: unsupported URL scheme in {url[:40]!r}; use http(s):// or data:")
+            if not url.startswith(("http://", "https://")):
+                raise RequestRejected(400, f"image {i}: only http(s):// and data: image URLs are accepted")
             continue
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header or not header[5:].startswith("image/"):
-            raise InputRejected(400, f"image {i}: a data URL must look like data:image/<type>;base64,<data>")
+            raise RequestRejected(400, f"image {i}: a data URL must look like data:image/<type>;base64,<data>")
         if len(payload) * 3 // 4 > max_bytes:
-            raise InputRejected(413, f"image {i}: larger than the {max_bytes} byte limit", "RequestTooLarge")
+            raise RequestRejected(413, f"image {i}: larger than the {max_bytes} byte limit", "RequestTooLarge")
         try:
             raw = base64.b64decode(payload, validate=True)
-            from PIL import Image
-
-            with Image.open(io.BytesIO(raw)) as img:
-                img.verify()
         except (binascii.Error, ValueError) as exc:
-            raise InputRejected(400, f"image {i}: the data URL is not valid base64 ({exc})") from None
-        except Exception as exc:  # PIL raises many types for bad images
-            raise InputRejected(400, f"image {i}: cannot decode the image ({type(exc).__name__}: {exc})") from None
+            raise RequestRejected(400, f"image {i}: the data URL is not valid base64 ({exc})") from None
+        check_image_bytes(raw, i, max_pixels)
 
 
-def _media_error(exc: BaseException) -> str | None:
-    """The reason when a replica failed a request on its image input (a client error, not a 500).
+def client_message(message: str, status_code: int) -> str:
+    """What of an engine error a client sees: its first sentence, never internals.
 
-    vLLM fetches http(s) images inside the replica; a refused connection, a 404
-    or bytes that are no image surface here as the replica's exception type
-    (Ray's task errors are instances of their cause).
+    Ray Serve LLM composes ``Message: X, Internal exception: Y, original
+    exception: Z`` where Y and Z carry module paths and remote tracebacks.
     """
-    import aiohttp
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, aiohttp.ClientError):
-        return f"an image URL could not be fetched: {type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"
-    if isinstance(exc, UnidentifiedImageError):
-        return "an image could not be decoded: the fetched bytes are no supported image format"
-    return None
+    if status_code >= 500:
+        return "internal error while serving the request"
+    if message.startswith("Message: "):
+        message = message[len("Message: "):]
+    message = message.split(", Internal exception:")[0].strip()
+    return (message.splitlines() or ["bad request"])[0][:500]
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -162,13 +164,23 @@ class FleetIngress(OpenAiIngress):
         input_limits: dict[str, dict[str, Any]] | None = None,
         retry_attempts: int = 2,
         request_timeout_s: float = 600.0,
+        endpoint: EndpointSpec | None = None,
         **kwargs: Any,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         self._input_limits = input_limits or {}
+        self._endpoint = endpoint or EndpointSpec()
+        self._fetcher = ImageFetcher(self._endpoint.media)
+        self._in_flight = InFlight(self._endpoint.limits.max_queued_requests)
+        from PIL import Image
+
+        # Anything in this process that decodes an image stops at the spec's limit
+        # (PIL warns above it and refuses above twice it).
+        Image.MAX_IMAGE_PIXELS = self._endpoint.media.max_image_pixels
         self._retry_attempts = retry_attempts
         self._request_timeout_s = request_timeout_s
-        self.counters = {"requests": 0, "retried": 0, "rejected": 0, "unavailable": 0, "timed_out": 0}
+        self.counters = {"requests": 0, "retried": 0, "rejected": 0, "unavailable": 0, "timed_out": 0,
+                         "queue_full": 0}
         # "app/deployment" -> Serve's view of it; empty until the first poll.
         self._deployments: dict[str, DeploymentView] = {}
         # model id -> the replica's fleet_status (host, kernel reports), refreshed by the watcher.
@@ -278,14 +290,31 @@ class FleetIngress(OpenAiIngress):
 
     # -- validation -----------------------------------------------------------------
     async def _check_chat(self, body: Any) -> None:
+        """Limits, message shape and images of a chat request; http(s) images become data: URLs."""
         model = await self._get_model_id(body.model)
         limits = self._input_limits.get(model, {})
-        urls = _image_parts(body)
-        if urls:
-            # Decoding is CPU work: keep it off the event loop that serves other requests.
-            await asyncio.to_thread(
-                check_images, urls, limits.get("max_images"), limits.get("max_image_bytes", 20 << 20), model
-            )
+        check_request(body, self._endpoint.limits, chat=True)
+        # Message contents may still be pydantic's one-shot iterators: make them lists
+        # before they are read here (Ray Serve LLM does the same before routing).
+        _sanitize_chat_completion_request(body)
+        problem = media_url_problem(body)
+        if problem:
+            raise RequestRejected(400, problem)
+        urls = _image_urls(body)
+        if not urls:
+            return
+        max_bytes, max_pixels = limits.get("max_image_bytes", 20 << 20), self._endpoint.media.max_image_pixels
+        # Decoding is CPU work: keep it off the event loop that serves other requests.
+        await asyncio.to_thread(check_images, urls, limits.get("max_images"), max_bytes, model, max_pixels)
+        remote = [(i, part) for i, part in enumerate(image_parts(body))
+                  if str((part.get("image_url") or {}).get("url", "")).startswith(("http://", "https://"))]
+        if not remote:
+            return
+        fetched = await asyncio.gather(
+            *(self._fetcher.fetch(part["image_url"]["url"], i, max_bytes) for i, part in remote))
+        for (i, part), raw in zip(remote, fetched):
+            mime = await asyncio.to_thread(check_image_bytes, raw, i, max_pixels)
+            part["image_url"]["url"] = to_data_url(raw, mime)
 
     # -- routing with retries ------------------------------------------------------------
     def _unavailable(self, why: str) -> Response:
@@ -314,10 +343,6 @@ class FleetIngress(OpenAiIngress):
                 return _error(504, f"no answer within request_timeout_s={self._request_timeout_s:g}",
                               "GatewayTimeout")
             except Exception as exc:
-                media = _media_error(exc)
-                if media is not None:
-                    self.counters["rejected"] += 1
-                    return _error(400, media, "BadRequestError")
                 if not _is_retryable(exc):
                     raise
                 attempt += 1
@@ -327,16 +352,54 @@ class FleetIngress(OpenAiIngress):
                 logger.warning("retrying request after %s (attempt %d)", type(exc).__name__, attempt)
                 await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
 
+    def _rejected(self, rej: RequestRejected) -> Response:
+        self.counters["rejected"] += 1
+        return _error(rej.code, rej.message, rej.err_type)
+
+    async def _admitted(self, call, body: Any, request: Request) -> Response:
+        """``_serve`` within the per-model in-flight bound; engine errors become short client errors."""
+        model = str(getattr(body, "model", None) or "")
+        if not self._in_flight.try_enter(model):
+            self.counters["queue_full"] += 1
+            return _error(503, f"model {model!r} has {self._in_flight.bound} requests in flight, the most this "
+                               "endpoint queues (endpoint.limits.max_queued_requests); retry shortly",
+                          "ServiceUnavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+        held = True
+        try:
+            response = await self._serve(call, body, request)
+            if isinstance(response, StreamingResponse):
+                # The request stays in flight until its last chunk went out.
+                response.body_iterator = self._counted(response.body_iterator, model)
+                held = False
+            return response
+        except OpenAIHTTPException as exc:
+            return _error(exc.status_code, client_message(exc.message, exc.status_code), exc.type)
+        finally:
+            if held:
+                self._in_flight.leave(model)
+
+    async def _counted(self, chunks, model: str):
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self._in_flight.leave(model)
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:  # type: ignore[override]
         try:
             await self._check_chat(body)
-        except InputRejected as rej:
-            self.counters["rejected"] += 1
-            return _error(rej.code, rej.message, rej.err_type)
-        return await self._serve(super().chat, body, request)
+        except RequestRejected as rej:
+            return self._rejected(rej)
+        except OpenAIHTTPException as exc:  # unknown model
+            return _error(exc.status_code, client_message(exc.message, exc.status_code), exc.type)
+        return await self._admitted(super().chat, body, request)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:  # type: ignore[override]
-        return await self._serve(super().completions, body, request)
+        try:
+            check_request(body, self._endpoint.limits, chat=False)
+        except RequestRejected as rej:
+            return self._rejected(rej)
+        return await self._admitted(super().completions, body, request)
 
     # -- health and models ------------------------------------------------------------
     async def health(self) -> Response:

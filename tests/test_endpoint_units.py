@@ -1,0 +1,80 @@
+"""Endpoint hardening without a cluster: spec checks, key loading, address policy, header pixel check."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import pytest
+
+from cluster.errors import ConfigError
+from cluster.serving.auth import key_matches, load_key_digests
+from cluster.serving.limits import RequestRejected
+from cluster.serving.media import address_allowed, check_image_bytes, domain_allowed
+from cluster.spec import EndpointSpec, check_endpoint_exposure, load_serving_args
+
+from test_endpoint_security import huge_png_header, png_bytes
+
+
+def test_open_endpoint_beyond_loopback_is_refused_unless_on_purpose():
+    open_ = EndpointSpec()
+    assert check_endpoint_exposure(open_, "127.0.0.1", "f", "args.endpoint", "h") == []
+    assert check_endpoint_exposure(open_, "::1", "f", "args.endpoint", "h") == []
+    [err] = check_endpoint_exposure(open_, "0.0.0.0", "f.yaml", "args.endpoint", "http_options.host")
+    assert "no API keys" in err.problem and "allow_unauthenticated" in err.fix
+    assert check_endpoint_exposure(EndpointSpec(allow_unauthenticated=True), "0.0.0.0", "f", "k", "h") == []
+    assert check_endpoint_exposure(EndpointSpec(api_keys_env="K"), "10.0.0.5", "f", "k", "h") == []
+
+
+def test_api_keys_env_must_be_a_name_not_a_key(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_serving_args({"model": str(tmp_path), "endpoint": {"api_keys_env": "sk-live-abc"}}, source="t.yaml")
+    assert "NAME of an environment variable" in str(exc.value) and "args.endpoint.api_keys_env" in str(exc.value)
+
+
+def test_keys_from_env_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FS_KEYS", "alpha, beta")
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# ops\ngamma\n")
+    os.chmod(keyfile, 0o600)
+    digests = load_key_digests(EndpointSpec(api_keys_env="FS_KEYS", api_keys_file=str(keyfile)))
+    assert len(digests) == 3
+    assert all(key_matches(k, digests) for k in ("alpha", "beta", "gamma"))
+    assert not key_matches("alph", digests) and not key_matches("", digests)
+    os.chmod(keyfile, 0o644)
+    with pytest.raises(ConfigError, match="readable by every user"):
+        load_key_digests(EndpointSpec(api_keys_file=str(keyfile)))
+    monkeypatch.delenv("FS_KEYS")
+    with pytest.raises(ConfigError) as exc:
+        load_key_digests(EndpointSpec(api_keys_env="FS_KEYS"))
+    assert "FS_KEYS" in str(exc.value)
+
+
+@pytest.mark.parametrize("addr,allowed", [
+    ("8.8.8.8", True), ("2606:4700::1111", True),
+    ("127.0.0.1", False), ("::1", False), ("10.1.2.3", False), ("192.168.0.1", False), ("172.16.0.1", False),
+    ("169.254.169.254", False), ("fd00:ec2::254", False), ("100.64.0.1", False), ("224.0.0.1", False),
+    ("0.0.0.0", False), ("240.0.0.1", False), ("::ffff:127.0.0.1", False), ("2002:7f00:1::", False),
+    ("64:ff9b::7f00:1", False),
+])
+def test_address_policy(addr, allowed):
+    assert address_allowed(ipaddress.ip_address(addr), []) is allowed
+
+
+def test_allowed_networks_never_open_metadata():
+    nets = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("169.254.0.0/16")]
+    assert address_allowed(ipaddress.ip_address("127.0.0.2"), nets)
+    assert not address_allowed(ipaddress.ip_address("169.254.169.254"), nets)
+
+
+def test_domain_allowlist():
+    assert domain_allowed("anything.example", [])
+    assert domain_allowed("img.example.com", ["*.example.com"])
+    assert domain_allowed("example.com", ["example.com"])
+    assert not domain_allowed("example.com.evil.net", ["example.com", "*.example.com"])
+
+
+def test_pixel_limit_reads_the_header_only():
+    with pytest.raises(RequestRejected, match="12000 x 12000"):
+        check_image_bytes(huge_png_header(), 0, 40_000_000)
+    assert check_image_bytes(png_bytes(), 0, 40_000_000) == "image/png"
