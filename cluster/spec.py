@@ -251,7 +251,6 @@ class DeploymentSpec(_Strict):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     flaggems: FlagGemsConfig = Field(default_factory=FlagGemsConfig)
-    hostfile: str | None = Field(default=None, description="Check TP x PP against this hostfile's slots.")
 
     @field_validator("limit_mm_per_prompt", mode="before")
     @classmethod
@@ -505,7 +504,6 @@ def load_serving_args(
     problems = []
     for i, spec in enumerate(serving.models):
         prefix = key_prefix if "models" not in args else f"{key_prefix}models.{i}."
-        problems += _check_against_hostfile(spec, source, prefix)
         problems += _check_accelerator(spec, source, prefix)
     if problems:
         raise ConfigErrors(problems)
@@ -526,18 +524,6 @@ def _check_accelerator(spec: DeploymentSpec, source: Any, prefix: str) -> list[C
             "set flaggems.enabled: false, or accelerator: GPU",
         ))
     return out
-
-
-def _check_against_hostfile(spec: DeploymentSpec, source: Any, prefix: str) -> list[ConfigError]:
-    if not spec.hostfile:
-        return []
-    from cluster.hosts import load_hostfile
-
-    path = Path(spec.hostfile)
-    if not path.is_absolute() and source is not None:
-        path = Path(source).parent.parent / path if not path.exists() else path
-    hosts = load_hostfile(path)
-    return check_world_size(spec, [h.slots for h in hosts.hosts], source, prefix, f"hostfile {path}")
 
 
 def check_world_size(

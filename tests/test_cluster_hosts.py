@@ -228,7 +228,7 @@ from cluster.serving.placement import replica_placement
 # The deployment options ray.serve.llm derives from our placement_group_config.
 cfg = LLMConfig(model_loading_config={"model_id": "placement-probe", "model_source": "/nonexistent"},
                 engine_kwargs={"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
-                placement_group_config=replica_placement(2, 2, cpus_per_worker=0.5),
+                placement_group_config=replica_placement(2, cpus_per_worker=0.5),
                 deployment_config={"ray_actor_options": {"num_cpus": 0.5}})
 opts = LLMServer.get_deployment_options(cfg)
 

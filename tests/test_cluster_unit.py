@@ -15,33 +15,31 @@ from cluster.ssh import known_hosts_name
 # ---------------------------------------------------------------------- placement
 
 
+def _deployment_bundles(tp: int, pp: int, **placement) -> dict:
+    """What ray.serve.llm derives from our placement config: the replica's PG bundles and strategy."""
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    from ray.serve.llm import LLMConfig
+
+    cfg = LLMConfig(model_loading_config={"model_id": "m", "model_source": "/m"},
+                    engine_kwargs={"tensor_parallel_size": tp, "pipeline_parallel_size": pp},
+                    accelerator_type=None, placement_group_config=replica_placement(pp, **placement),
+                    deployment_config={"ray_actor_options": {"num_cpus": 0.5}})
+    opts = LLMServer.get_deployment_options(cfg)
+    return {"strategy": opts["placement_group_strategy"], "bundles": opts["placement_group_bundles"]}
+
+
 def test_pp1_is_strict_pack_one_bundle_per_worker() -> None:
-    pg = replica_placement(8, 1)
+    pg = _deployment_bundles(8, 1)
     assert pg["strategy"] == "STRICT_PACK"
-    assert pg["bundles"] == [{"GPU": 1, "CPU": 1.0}] * 8
+    assert sum(b.get("GPU", 0) for b in pg["bundles"]) == 8 and len(pg["bundles"]) == 8
 
 
 def test_pp_gt1_is_pack_and_world_sized() -> None:
-    pg = replica_placement(2, 2, cpus_per_worker=0.5)
-    assert pg["strategy"] == "PACK" and len(pg["bundles"]) == 4
-    assert all(b == {"GPU": 1, "CPU": 0.5} for b in pg["bundles"])
-    assert replica_placement(2, 2, strategy="SPREAD")["strategy"] == "SPREAD"
-    assert replica_placement(1, 2, accelerator="CPU")["bundles"] == [{"CPU": 1.0}] * 2
-
-
-def test_placement_rejects_nonsense() -> None:
-    with pytest.raises(ValueError):
-        replica_placement(0, 1)
-    with pytest.raises(ValueError):
-        replica_placement(1, 1, strategy="BEST")
-
-
-def test_placement_config_is_valid_for_ray_serve_llm() -> None:
-    from ray.llm._internal.common.placement import PlacementGroupConfig
-
-    for tp, pp in ((1, 1), (8, 1), (2, 2), (4, 3)):
-        cfg = PlacementGroupConfig(**replica_placement(tp, pp))
-        assert len(cfg.bundles) == tp * pp
+    pg = _deployment_bundles(2, 2, cpus_per_worker=0.5)
+    assert pg["strategy"] == "PACK" and [b.get("GPU") for b in pg["bundles"]] == [1, 1, 1, 1]
+    assert _deployment_bundles(2, 2, strategy="SPREAD")["strategy"] == "SPREAD"
+    for tp, pp in ((1, 1), (4, 3)):
+        assert sum(b.get("GPU", 0) for b in _deployment_bundles(tp, pp)["bundles"]) == tp * pp
 
 
 BUNDLES = [{"GPU": 1.0, "CPU": 1.0}] * 4

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cluster.cli import app as cli
 from cluster.serving.app import llm_config_for
 from cluster.spec import load_serve_config
+from test_spec import replica_bundles
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_KNOBS = ("QWEN25_VL_32B_PATH", "MINICPM_O_26_PATH", "FLEETSERVE_LOAD_FORMAT", "FLEETSERVE_USE_FLAGGEMS",
@@ -72,8 +73,7 @@ def test_fleet_serves_both_models_side_by_side():
     qwen, minicpm = serving.models
     # Each model scales on its own: separate autoscaling configs, separate placement.
     assert qwen.replicas.autoscaling and minicpm.replicas.autoscaling
-    qwen_pg, minicpm_pg = (llm_config_for(m)["placement_group_config"] for m in (qwen, minicpm))
-    assert len(qwen_pg["bundles"]) == 8 and len(minicpm_pg["bundles"]) == 1
+    assert len(replica_bundles(qwen)) == 8 and len(replica_bundles(minicpm)) == 1
     assert qwen.limit_mm_per_prompt == {"image": 18}
 
 

@@ -92,10 +92,12 @@ def client(*args: str, state: Path, env: dict[str, str], timeout: float = 900) -
 
 
 def health(state_name: str | None = None) -> httpx.Response:
+    """GET /health; timed per state when the answer is the ingress's (before routing, Serve's proxy answers)."""
     r = httpx.get(f"{BASE}/health", timeout=10)
-    body = r.json()
-    seen = state_name or ",".join(sorted({m["state"] for m in body["models"].values()}))
-    HEALTH_SAMPLES.setdefault(seen, []).append(r.elapsed.total_seconds())
+    if r.headers.get("content-type", "").startswith("application/json"):
+        body = r.json()
+        seen = state_name or ",".join(sorted({m["state"] for m in body["models"].values()}))
+        HEALTH_SAMPLES.setdefault(seen, []).append(r.elapsed.total_seconds())
     return r
 
 

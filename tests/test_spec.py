@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,14 @@ from cluster.serving.app import engine_kwargs_for, llm_config_for
 from cluster.spec import expand_env, load_serve_config, load_serving_args, parse_mm_limits
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def replica_bundles(spec) -> list[dict]:
+    """The placement-group bundles Ray Serve LLM derives for one replica of ``spec``."""
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    from ray.serve.llm import LLMConfig
+
+    return LLMServer.get_deployment_options(LLMConfig(**llm_config_for(spec)))["placement_group_bundles"]
 
 
 def _one(args: dict):
@@ -43,7 +54,7 @@ def test_qwen25_vl_matches_seed_card(monkeypatch):
     assert kwargs["gpu_memory_utilization"] == 0.9
     assert kwargs["enable_chunked_prefill"] is True
     assert "load_format" not in kwargs
-    bundles = llm_config_for(spec)["placement_group_config"]["bundles"]
+    bundles = replica_bundles(spec)
     assert len(bundles) == 8 and all(b["GPU"] == 1 for b in bundles)
 
 
@@ -95,19 +106,35 @@ def test_unknown_key_is_rejected_with_fix():
     assert "args.tensor_paralel_size" in text and "spelling" in text
 
 
-def test_tp_larger_than_any_host(tmp_path):
-    hf = tmp_path / "hosts"
-    hf.write_text("10.0.0.1 slots=8 type=H100\n10.0.0.2 slots=8 type=H100\n")
-    text = _error_text({"model": "/m", "tensor_parallel_size": 16, "hostfile": str(hf)})
-    assert "args.tensor_parallel_size" in text and "largest: 8" in text and "pipeline_parallel_size" in text
+def _validate(path, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "validate", str(path), *extra],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
 
 
-def test_pp_stages_must_fit_hosts(tmp_path):
+def test_validate_checks_tp_pp_against_a_hostfile(tmp_path):
     hf = tmp_path / "hosts"
-    hf.write_text("10.0.0.1 slots=8\n10.0.0.2 slots=8\n")
-    assert _one({"model": "/m", "tensor_parallel_size": 8, "pipeline_parallel_size": 2, "hostfile": str(hf)})
-    text = _error_text({"model": "/m", "tensor_parallel_size": 8, "pipeline_parallel_size": 3, "hostfile": str(hf)})
-    assert "args.pipeline_parallel_size" in text
+    hf.write_text("10.0.0.1 slots=8 type=GPU\n10.0.0.2 slots=8 type=GPU\n")
+    path = _serve_file(tmp_path, {"model": "/m", "tensor_parallel_size": 8, "pipeline_parallel_size": 2})
+    assert _validate(path, "--hostfile", str(hf)).returncode == 0
+    r = _validate(path, "--hostfile", str(hf), "--set", "tensor_parallel_size=16")
+    assert r.returncode == 1 and "tensor_parallel_size" in r.stderr and "largest: 8" in r.stderr, r.stderr
+    r = _validate(path, "--hostfile", str(hf), "--set", "pipeline_parallel_size=3")
+    assert r.returncode == 1 and "applications.0.args.pipeline_parallel_size" in r.stderr, r.stderr
+
+
+def test_validate_checks_tp_against_the_model_heads(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
+        {"text_config": {"num_attention_heads": 40, "num_key_value_heads": 8, "num_hidden_layers": 64}}))
+    path = _serve_file(tmp_path, {"model": str(model), "tensor_parallel_size": 8})
+    assert _validate(path).returncode == 0
+    r = _validate(path, "--set", "tensor_parallel_size=3")
+    assert r.returncode == 1 and "does not divide the model's 40 attention heads" in r.stderr, r.stderr
+    r = _validate(path, "--set", "tensor_parallel_size=5")  # divides the 40 heads, not the 8 KV heads
+    assert r.returncode == 1 and "8 KV heads" in r.stderr, r.stderr
+    r = _validate(tmp_path / "model" / "config.json")
+    assert r.returncode == 1 and "applications" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_replicas_and_autoscaling():

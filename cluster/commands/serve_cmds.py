@@ -26,7 +26,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False)
+    err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -41,6 +41,7 @@ def validate(
     config: Path = typer.Argument(..., help="Ray Serve config file (deployments/*.yaml)."),
     build: bool = typer.Option(False, "--build", help="Also build the Serve app graph (no cluster needed)."),
     overrides: list[str] = SetOption,
+    hostfile: Path = typer.Option(None, "--hostfile", help="Also check TP x PP against this hostfile's slots."),
 ) -> None:
     """Check a deployment file: every model spec, engine arg and placement."""
     from cluster.serving.app import engine_kwargs_for, llm_config_for
@@ -49,6 +50,8 @@ def validate(
     try:
         cfg = load_serve_config(config, overrides)
         _check_models_here(cfg, config)
+        if hostfile is not None:
+            _check_hostfile_fits(cfg, config, hostfile)
     except FleetserveError as exc:
         _fail(exc)
     table = Table(title=f"{config}")
@@ -61,7 +64,8 @@ def validate(
             table.add_row(
                 app_name, spec.served_name, spec.model.source + (" (dummy)" if spec.model.load_format == "dummy" else ""),
                 f"{spec.tensor_parallel_size} x {spec.pipeline_parallel_size}",
-                f"{len(pg['bundles'])} x {pg['bundles'][0]} {pg['strategy']}",
+                f"{spec.tensor_parallel_size * spec.pipeline_parallel_size} x {pg['bundle_per_worker']} "
+                f"{pg['strategy']}",
                 str(llm["deployment_config"].get("num_replicas") or llm["deployment_config"].get("autoscaling_config")),
                 "on" if spec.flaggems.enabled else "off",
             )
@@ -171,6 +175,28 @@ def _dashboard_for(address: str) -> str:
     return f"http://{host}:8265"
 
 
+def _check_hostfile_fits(cfg: dict, path: Path, hostfile: Path) -> None:
+    """TP x PP of every model against the GPUs the hostfile lists (before `fleetserve up`)."""
+    from cluster.errors import ConfigErrors
+    from cluster.hosts import load_hostfile
+    from cluster.spec import check_world_size
+
+    slots = [h.slots for h in load_hostfile(hostfile).hosts]
+    problems = []
+    for prefix, spec in _specs_with_keys(cfg):
+        problems += check_world_size(spec, slots, path, prefix, f"hostfile {hostfile}")
+    if problems:
+        raise ConfigErrors(problems)
+
+
+def _specs_with_keys(cfg: dict):
+    """``(key prefix, spec)`` of every model of every fleetserve app in a loaded config."""
+    for i, app in enumerate(cfg["applications"]):
+        serving = cfg["_fleetserve"].get(app.get("name", f"app{i}"))
+        for j, spec in enumerate(serving.models if serving else []):
+            yield f"applications.{i}.args." + (f"models.{j}." if "models" in (app.get("args") or {}) else ""), spec
+
+
 def _check_models_here(cfg: dict, path: Path, require_local: bool = False) -> None:
     """What can be checked where the command runs: TP/PP vs the model's heads, when its directory is here.
 
@@ -181,23 +207,20 @@ def _check_models_here(cfg: dict, path: Path, require_local: bool = False) -> No
     from cluster.serving.modelcheck import parallelism_problems, read_config
 
     problems = []
-    for i, app in enumerate(cfg["applications"]):
-        serving = cfg["_fleetserve"].get(app.get("name", f"app{i}"))
-        for j, spec in enumerate(serving.models if serving else []):
-            prefix = f"applications.{i}.args." + (f"models.{j}." if "models" in (app.get("args") or {}) else "")
-            model_config = read_config(spec.model.source)
-            if model_config is None:
-                where = "is not a directory with a config.json on this machine"
-                if require_local:
-                    problems.append(ConfigError(path, prefix + "model.source", f"{spec.model.source!r} {where}",
-                                                "make the model there (fleetserve make-model) or fix the path"))
-                else:
-                    err_console.print(f"[yellow]note:[/] {escape(spec.model.source)} {where}; each replica "
-                                      "checks it on its own host", highlight=False)
-                continue
-            for key, problem, fix in parallelism_problems(
-                    model_config, spec.tensor_parallel_size, spec.pipeline_parallel_size):
-                problems.append(ConfigError(path, prefix + key, problem, fix))
+    for prefix, spec in _specs_with_keys(cfg):
+        model_config = read_config(spec.model.source)
+        if model_config is None:
+            where = "is not a directory with a config.json on this machine"
+            if require_local:
+                problems.append(ConfigError(path, prefix + "model.source", f"{spec.model.source!r} {where}",
+                                            "make the model there (fleetserve make-model) or fix the path"))
+            else:
+                err_console.print(f"[yellow]note:[/] {escape(spec.model.source)} {where}; each replica "
+                                  "checks it on its own host", highlight=False)
+            continue
+        for key, problem, fix in parallelism_problems(
+                model_config, spec.tensor_parallel_size, spec.pipeline_parallel_size):
+            problems.append(ConfigError(path, prefix + key, problem, fix))
     if problems:
         raise ConfigErrors(problems)
 

@@ -61,7 +61,6 @@ def llm_config_for(spec: DeploymentSpec) -> dict[str, Any]:
         "model_loading_config": {"model_id": spec.served_name, "model_source": spec.model.source},
         "engine_kwargs": engine_kwargs_for(spec),
         "placement_group_config": replica_placement(
-            spec.tensor_parallel_size,
             spec.pipeline_parallel_size,
             accelerator=spec.accelerator,
             cpus_per_worker=spec.cpus_per_worker,

@@ -36,40 +36,27 @@ from typing import Any
 
 from cluster.errors import FleetserveError
 
-STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
-
-
 class PlacementError(FleetserveError):
     """A replica's bundles landed so that a pipeline stage spans nodes."""
 
 
 def replica_placement(
-    tensor_parallel_size: int,
     pipeline_parallel_size: int,
     accelerator: str = "GPU",
     cpus_per_worker: float = 1.0,
     strategy: str | None = None,
 ) -> dict[str, Any]:
-    """Return ``LLMConfig.placement_group_config`` (``{bundles, strategy}``) for one replica.
+    """``LLMConfig.placement_group_config`` for one replica: Ray's own bundles, our strategy.
 
-    One bundle per worker (``tp * pp``), ordered stage by stage; ``strategy``
-    None picks ``STRICT_PACK`` for ``pp == 1`` and ``PACK`` otherwise (see the
-    module docstring for why that is what keeps each stage on one node).
+    ray.serve.llm expands ``bundle_per_worker`` into one bundle per TP x PP
+    worker from the engine kwargs (the parallel sizes are given to Ray once,
+    there); only the strategy is decided here: ``STRICT_PACK`` for ``pp == 1``,
+    ``PACK`` otherwise (see the module docstring), unless the spec names one.
+    The spec has validated every value.
     """
-    if tensor_parallel_size < 1 or pipeline_parallel_size < 1:
-        raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got {tensor_parallel_size}x{pipeline_parallel_size}")
-    if cpus_per_worker < 0:
-        raise ValueError(f"cpus_per_worker must be >= 0, got {cpus_per_worker}")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    world = tensor_parallel_size * pipeline_parallel_size
-    if accelerator == "CPU":
-        bundle: dict[str, float] = {"CPU": cpus_per_worker}
-    else:
-        bundle = {accelerator: 1, "CPU": cpus_per_worker}
-    if strategy is None:
-        strategy = "STRICT_PACK" if pipeline_parallel_size == 1 else "PACK"
-    return {"bundles": [dict(bundle) for _ in range(world)], "strategy": strategy}
+    bundle: dict[str, float] = {"CPU": cpus_per_worker} if accelerator == "CPU" else {accelerator: 1, "CPU": cpus_per_worker}
+    return {"bundle_per_worker": bundle,
+            "strategy": strategy or ("STRICT_PACK" if pipeline_parallel_size == 1 else "PACK")}
 
 
 def worker_layout(
