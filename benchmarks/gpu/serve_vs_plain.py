@@ -78,6 +78,8 @@ def plain_command(spec, port: int) -> list[str]:
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", spec.model.source,
            "--served-model-name", spec.served_name, "--host", "127.0.0.1", "--port", str(port)]
+    if os.environ.get("OPENAI_API_KEY"):  # the same authentication as the fleetserve endpoint
+        cmd += ["--api-key", os.environ["OPENAI_API_KEY"]]
     for key, value in engine_kwargs_for(spec).items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
         health = f"http://127.0.0.1:{PORT}/health"
     result: dict[str, Any] = {
         "phase": args.phase, "commit": git_commit(), "device": device(), "host": platform.node(),
-        "command": " ".join(cmd), "file": str(args.file.relative_to(ROOT)), "overrides": args.set,
+        "command": " ".join(c if c != os.environ.get("OPENAI_API_KEY") else "<key>" for c in cmd), "file": str(args.file.relative_to(ROOT)), "overrides": args.set,
         "model": spec.served_name, "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size, "flaggems": spec.flaggems.enabled,
         "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("RAY_SERVE", "RAYLLM"))},
