@@ -650,9 +650,3 @@ def render_hostfile(config: ClusterConfig) -> str:
         lines.append(" ".join(parts))
     return "\n".join(lines) + "\n"
 
-
-Mode = Literal["native", "docker"]
-
-
-def mode_of(config: ClusterConfig) -> Mode:
-    return "docker" if config.settings.docker is not None else "native"

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.modelgen import minicpmo, qwen2_5_vl
-from cluster.modelgen.tokenizer import QWEN25_SPECIAL_TOKENS
 
-QWEN_SPECIAL_TOKENS = QWEN25_SPECIAL_TOKENS
 
 # arch -> (sizes, writer(size, out, seed))
 ARCHS: dict[str, tuple[tuple[str, ...], Callable[[str, Path, int], Path]]] = {
@@ -46,4 +44,4 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0) -> Path:
     return writer(size, out, seed)
 
 
-__all__ = ["ARCHS", "QWEN_SPECIAL_TOKENS", "ModelGenError", "make_model"]
+__all__ = ["ARCHS", "ModelGenError", "make_model"]
