@@ -114,13 +114,17 @@ def test_1_overrides_from_the_client_shell_reach_the_replica(cluster) -> None:
          "--ready-timeout", "900"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "FLEETSERVE_STATE_DIR": str(cluster["state"]), "COLUMNS": "200", **env})
-    # While the engine starts, /health answers at once and says so.
-    wait_for(lambda: app_status().get("status") in ("DEPLOYING", "RUNNING"), 300, "app deploying",
-             state=lambda: str(app_status().get("status")))
-    wait_for(lambda: _answers(BASE), 300, "proxy answering")
-    while proc.poll() is None:
-        health()
-        time.sleep(0.5)
+    try:
+        # While the engine starts, /health answers at once and says so.
+        wait_for(lambda: app_status().get("status") in ("DEPLOYING", "RUNNING"), 300, "app deploying",
+                 state=lambda: str(app_status().get("status")))
+        wait_for(lambda: _answers(BASE), 300, "proxy answering")
+        while proc.poll() is None:
+            health()
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     out = proc.stdout.read()
     assert proc.returncode == 0, out
     assert "ready" in out and f"{HEAD}:8000/v1" in out, out
