@@ -11,6 +11,7 @@ anything starts, and dry-runs the build to show each replica's placement.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -150,15 +151,24 @@ def serve(
             dashboard = head.dashboard_url if head else _dashboard_for(address)
             subprocess.run([*SERVE_CLI, "deploy", str(resolved), "--address", dashboard], env=env, check=True)
             wait_ready(url, ready_timeout, None)
-            console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health")
+            console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health", soft_wrap=True)
             return
         proc = subprocess.Popen([*SERVE_CLI, "run", str(resolved)], env=env)
+        # A closed terminal or a `kill` ends it the way Ctrl-C does: app torn down, head stopped.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
         try:
             if wait_ready(url, ready_timeout, proc):
-                console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health -- Ctrl-C stops it")
+                console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health -- Ctrl-C stops it",
+                              soft_wrap=True)
             proc.wait()
         except KeyboardInterrupt:
-            proc.wait()  # serve run got the same SIGINT: it tears the app down itself
+            # From a terminal, serve run got the same SIGINT; from a signal to us alone, pass it on.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)  # serve run deletes the app and waits for its replicas
+            except subprocess.TimeoutExpired:
+                proc.kill()
         if proc.returncode not in (0, None, -2, 130):
             raise typer.Exit(proc.returncode)
     except subprocess.CalledProcessError as exc:
@@ -168,6 +178,10 @@ def serve(
     finally:
         if head is not None:
             head.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _dashboard_for(address: str) -> str:

@@ -3,15 +3,19 @@
 * The resolved config goes to a file Serve can read: the app is built inside
   the cluster from that file's values, not from this shell's environment.
 * The cluster: the one named, else the one ``fleetserve up`` recorded, else a
-  local head owned by this command. ``ray start --head --block`` runs as a child
-  in its own session: Ctrl-C in the terminal reaches ``serve run`` (which tears
-  the app down) but not Ray's dashboard and GCS, and stopping that one child
-  stops exactly this head -- never ``ray stop``, which ends every Ray on the
-  machine, other users' too.
+  local head owned by this command. ``ray start --head --block`` runs in a
+  session of its own: Ctrl-C in the terminal reaches ``serve run`` (which tears
+  the app down) but not Ray's dashboard and GCS, and every process Ray starts
+  for this head (GCS, raylet, dashboard, workers, vLLM engines) stays in that
+  session. Stopping the head ends exactly that session's processes -- never
+  ``ray stop``, which ends every Ray on the machine, other users' too, and not
+  a signal to ``ray start --block`` alone, which (Ray 2.58) leaves the GCS
+  running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,13 +138,37 @@ class LocalHead:
         self.stop()
         raise FleetserveError(f"the local Ray head did not come up within {timeout_s:g}s")
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Stop this head only: ``ray start --block`` ends the processes it started when it gets SIGTERM."""
-        if self._proc is None or self._proc.poll() is not None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End every process of this head's session: SIGTERM, then SIGKILL what is left."""
+        if self._proc is None:
             return
-        os.killpg(self._proc.pid, signal.SIGTERM)
+        sid = self._proc.pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in session_pids(sid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + timeout_s
+            while session_pids(sid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not session_pids(sid):
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
+        self._proc = None
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes (not zombies) of session ``sid``, from /proc (Linux, as Ray's nodes are)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
         try:
-            self._proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
+            with open(f"/proc/{entry.name}/stat") as fh:
+                # pid (comm) state ppid pgrp session ...: comm may hold spaces, so split after ')'.
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
