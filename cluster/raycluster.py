@@ -40,6 +40,7 @@ from rich.table import Table
 from cluster.errors import FleetserveError
 from cluster.hosts import ClusterConfig, Host, load_hostfile
 from cluster.ssh import CommandResult, SSHError, SSHPool
+from cluster.statefile import state_file
 
 NODE_LABEL = "fleetserve.io/host"
 
@@ -835,12 +836,6 @@ class RayCluster:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"hostfile": str(Path(self.config.source).resolve()), "address": self.address,
                                     "dashboard": self.dashboard_url, "time": time.time()}, indent=2))
-
-
-def state_file(state_dir: Path | None = None) -> Path:
-    """Where ``up`` records the last hostfile, so ``down``/``status`` work without one."""
-    base = state_dir or Path(os.environ.get("FLEETSERVE_STATE_DIR", Path.home() / ".local/state/fleetserve"))
-    return Path(base) / "cluster.json"
 
 
 def resolve_hostfile(hostfile: Path | None, state_dir: Path | None = None) -> ClusterConfig:

@@ -183,11 +183,12 @@ def run(args: argparse.Namespace) -> None:
     finally:
         result["total_s"] = round(time.monotonic() - t0, 1)
         Path(args.out).write_text(json.dumps(result, indent=1))
-        os.killpg(proc.pid, signal.SIGINT)  # fleetserve serve stops serve run and its Ray head
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # fleetserve serve tears the app down, stops its Ray head
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def report(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ import httpx
 import yaml
 
 from cluster.errors import FleetserveError
+from cluster.statefile import state_file
 
 #: Seconds between /health probes while waiting for the endpoint.
 READY_POLL_S = 2.0
@@ -55,8 +56,6 @@ def write_resolved(cfg: dict[str, Any], source: Path) -> Path:
 
 def cluster_address() -> str | None:
     """The GCS address the last `fleetserve up` recorded, if any."""
-    from cluster.raycluster import state_file
-
     path = state_file()
     try:
         return json.loads(path.read_text()).get("address")
