@@ -23,7 +23,6 @@ GPU hosts. Ray itself still does all the cluster work (``ray start``/``stop``).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import threading
