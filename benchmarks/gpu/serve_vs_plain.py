@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> None:
         "model": spec.served_name, "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size, "flaggems": spec.flaggems.enabled,
         "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("RAY_SERVE", "RAYLLM"))},
+        "loads_asked": args.loads or "all",
     }
     log = open(Path(args.out).with_suffix(".log"), "w")
     t0 = time.monotonic()
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> None:
             if args.phase == "serve":
                 result["health"] = httpx.get(health, timeout=10).json()
             with tempfile.TemporaryDirectory() as tmp:
-                for dataset, concurrency, prompts in LOADS:
+                for dataset, concurrency, prompts in [x for x in LOADS if not args.loads or
+                                                      f"{x[0]}_c{x[1]}" in args.loads.split(",")]:
                     if time.monotonic() > deadline - 30:
                         result["loads"].append({"load": f"{dataset}_c{concurrency}", "error": "deadline"})
                         continue
@@ -256,6 +258,7 @@ def main() -> None:
     r.add_argument("--set", action="append", default=[])
     r.add_argument("--out", required=True)
     r.add_argument("--deadline-s", type=float, default=540)
+    r.add_argument("--loads", default="", help="comma list of LOAD names (e.g. random_c128,random-mm_c16); default all")
     p = sub.add_parser("report")
     p.add_argument("results", nargs="+")
     p.add_argument("--name", required=True)
