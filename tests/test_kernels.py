@@ -143,6 +143,19 @@ def test_plan_env_round_trip_and_vllm_copy_list():
         plan_from_env({PLAN_ENV_VAR: '{"mode": "sometimes"}'})
 
 
+def test_vllm_ray_executors_copy_the_plan(monkeypatch):
+    """The plan set in the replica's env reaches the Ray workers: both of vLLM's
+    Ray executors build the workers' env with these functions (vLLM 0.26)."""
+    from vllm.ray.ray_env import get_env_vars_to_copy
+    from vllm.v1.executor.ray_env_utils import get_driver_env_vars
+
+    monkeypatch.delenv("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", raising=False)
+    for name, value in _active().env(os.environ).items():
+        monkeypatch.setenv(name, value)
+    assert PLAN_ENV_VAR in get_env_vars_to_copy(exclude_vars=set())  # V1 executor
+    assert PLAN_ENV_VAR in get_driver_env_vars(worker_specific_vars=set())  # V2 executor (default)
+
+
 def test_requested_config_env_round_trip_and_bad_env():
     cfg = parse_flaggems({"enabled": True, "record": True, "exclude": ["silu_and_mul"]})
     env = runtime_env_vars(cfg)
