@@ -1,15 +1,21 @@
-"""The switch reaches every vLLM process of the deployment that asked, and no other.
+"""The replica's FlagGems plan reaches every vLLM process of its deployment, and no other.
 
 Real Ray Serve + ray.serve.llm + vLLM (CPU) with the app builder: one app whose
 spec has ``flaggems: {enabled: true, fallback_to_stock: true}`` and TP=2, one
-plain app with TP=1. On a CPU host the armed plugin falls back (that is the
-diagnostic mode that works here) and still writes its per-process report, so
-the reports show which processes the env var reached: every worker actor of
-the TP=2 deployment and its engine process, none of the plain deployment's.
+plain app with TP=1. On a CPU host the replica plans ``fallback`` (the
+diagnostic mode that works here); the plugin still writes its per-process
+report with the plan it followed, so the reports show which processes the plan
+reached: the replica, its engine core and both TP workers -- the plan is made
+in the replica at start, after Ray started it, so only the environment vLLM
+hands its processes can have brought it there -- and none of the plain
+deployment's. (On CPU, ray.serve.llm runs vLLM's multiprocessing executor, so
+the workers inherit the env; on GPU vLLM's Ray executor copies it -- the
+unit test ``test_vllm_ray_executors_copy_the_plan`` pins that part.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -115,6 +121,12 @@ def test_armed_in_every_process_of_that_deployment_only(tiny_model, serve_instan
     assert len(children) >= 3, children
     assert {replica} | children == pids, (replica, children, pids)
     assert gems["summary"] == {"processes": len(pids), "triton_ops": [], "failed": [], "status": "fallback"}
+    # one decision, the same in every process: replica, engine core, each TP worker
+    (plan,) = {json.dumps(rep["plan"], sort_keys=True) for rep in gems["processes"]}
+    assert json.loads(plan)["mode"] == "fallback" and "no CUDA GPU" in json.loads(plan)["reason"]
+    titles = [rep["process"] for rep in gems["processes"]]
+    assert len(titles) == 1 + 1 + 2, titles  # replica, engine core, TP=2 workers
+    assert sum("EngineCore" in t for t in titles) == 1, titles
     for rep in gems["processes"]:
         assert rep["deployment"] == "gems" and rep["status"] == "fallback"
         assert set(rep["ops"]) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul"}

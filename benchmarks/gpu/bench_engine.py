@@ -6,9 +6,9 @@ Modes:
   gems_<graph_mode>  FlagGems default op set with that graph mode
                      (compiled | full_decode | piecewise | eager)
 
-The FlagGems modes go through exactly what a deployment gets: the env vars of
-``cluster.kernels.runtime_env_vars`` (which arm the vLLM plugin) and the engine
-kwargs of ``cluster.kernels.engine_overrides``.
+The FlagGems modes go through exactly what a deployment's replica does: the plan
+of ``cluster.kernels.plan_kernels`` (host probe included), its env (which the
+vLLM plugin follows in every process) and its engine kwargs.
 
 Workload: N requests x IN prompt tokens (random ids, fixed seed) x OUT output
 tokens (ignore_eos), all submitted at once -> output tok/s; then single stream
@@ -56,7 +56,7 @@ def realistic_init(model) -> int:
 def build(mode: str, model_dir: str, max_len: int, gpu_util: float, record: bool, exclude: list[str],
           ops: str = "default"):
     from vllm import LLM
-    from cluster.kernels import FlagGemsConfig, engine_overrides, runtime_env_vars
+    from cluster.kernels import FlagGemsConfig, plan_kernels
 
     kwargs: dict = dict(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                         max_model_len=max_len, gpu_memory_utilization=gpu_util, seed=0,
@@ -67,8 +67,9 @@ def build(mode: str, model_dir: str, max_len: int, gpu_util: float, record: bool
         kwargs["enforce_eager"] = True
     elif mode.startswith("gems_"):
         cfg = FlagGemsConfig(enabled=True, graph_mode=mode[len("gems_"):], record=record, exclude=exclude, ops=ops)
-        os.environ.update(runtime_env_vars(cfg, f"bench-{mode}"))
-        kwargs.update(engine_overrides(cfg))
+        plan = plan_kernels(cfg, f"bench-{mode}")
+        os.environ.update(plan.env(os.environ))
+        kwargs.update(plan.engine_kwargs())
     elif mode != "stock":
         raise SystemExit(f"unknown mode {mode}")
     t0 = time.time()

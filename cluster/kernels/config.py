@@ -1,37 +1,62 @@
 """The ``flaggems:`` block of a deployment spec.
 
-One validated object decides everything about the FlagGems (Triton) kernel
-switch of one deployment: whether it is on, which vLLM ops are swapped, how
-CUDA graphs / torch.compile run around them, whether a host that cannot run
-Triton fails the deployment or falls back, and where the per-host tuning
-cache lives. It travels to the vLLM processes as JSON in one env var
-(:data:`ENV_VAR`), so it is also parsed back from there (:func:`config_from_env`).
+One validated object holds what a deployment *asks* for from the FlagGems
+(Triton) kernel switch: whether it is on, which vLLM ops are swapped, how CUDA
+graphs / torch.compile run around them, whether a host that cannot run Triton
+fails the deployment or falls back, and where the per-host tuning cache lives.
+It travels to the replica as JSON in one env var (:data:`ENV_VAR`), where the
+replica turns it into the plan its vLLM processes follow
+(:func:`cluster.kernels.plan.plan_kernels`). Also here: the op table
+(:data:`OPS`), the one list of ops every other list derives from.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.errors import ConfigError, pydantic_errors
 
-#: Env var that arms the vLLM general plugin in one deployment's processes.
+#: Env var with the *requested* ``flaggems:`` block (JSON), in the deployment's
+#: runtime env. Only the replica reads it, to make the plan (:mod:`cluster.kernels.plan`).
 ENV_VAR = "FLEETSERVE_FLAGGEMS"
-#: Deployment name the plugin puts into its reports.
-DEPLOYMENT_ENV_VAR = "FLEETSERVE_FLAGGEMS_DEPLOYMENT"
-#: FlagGems' own cache dir variable (tuned configs + generated code).
-FLAGGEMS_CACHE_ENV_VAR = "FLAGGEMS_CACHE_DIR"
 
-#: Every op the plugin knows how to swap, with what it replaces in vLLM.
-KNOWN_OPS: dict[str, str] = {
-    "rms_norm": "vllm.ir.ops.rms_norm (RMSNorm without residual)",
-    "fused_add_rms_norm": "vllm.ir.ops.fused_add_rms_norm (RMSNorm with residual add)",
-    "silu_and_mul": "SiluAndMul.forward_cuda (SwiGLU activation of the MLP)",
-    "rotary_embedding": "RotaryEmbedding.forward_cuda (neox/GPT-J RoPE, full rotary dim)",
+OpKind = Literal["ir", "custom"]
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """One op the plugin can swap. Its name is also vLLM's name for it.
+
+    ``kind`` is how vLLM dispatches it: ``ir`` -- a vLLM IR op, selected through
+    the engine's ``ir_op_priority``; ``custom`` -- a ``CustomOp``, which under
+    torch.compile must be enabled by name (``compilation_config.custom_ops``).
+    """
+
+    kind: OpKind
+    replaces: str
+
+
+#: The op table: every op the plugin knows how to swap, how vLLM dispatches it
+#: and what it replaces. Every other op list (IR ops, CustomOps, the op sets,
+#: validation, the installers in ops.py, the docs' table) derives from or is
+#: checked against this one.
+OPS: dict[str, KernelOp] = {
+    "rms_norm": KernelOp("ir", "vllm.ir.ops.rms_norm (RMSNorm without residual)"),
+    "fused_add_rms_norm": KernelOp("ir", "vllm.ir.ops.fused_add_rms_norm (RMSNorm with residual add)"),
+    "silu_and_mul": KernelOp("custom", "SiluAndMul.forward_cuda (SwiGLU activation of the MLP)"),
+    "rotary_embedding": KernelOp("custom", "RotaryEmbedding.forward_cuda (neox/GPT-J RoPE, full rotary dim)"),
 }
+
+
+def ops_of_kind(kind: OpKind, ops: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The ops of ``kind`` (among ``ops``, all known ops if None), in table order."""
+    return tuple(op for op, spec in OPS.items() if spec.kind == kind and (ops is None or op in ops))
+
 
 #: The named op sets. "default" is the largest set that passed per-op parity and
 #: the end-to-end logits check and met the throughput targets on the GPU
@@ -41,7 +66,7 @@ KNOWN_OPS: dict[str, str] = {
 OP_SETS: dict[str, tuple[str, ...]] = {
     "default": ("rms_norm", "fused_add_rms_norm", "silu_and_mul"),
     "norms": ("rms_norm", "fused_add_rms_norm"),
-    "all": tuple(KNOWN_OPS),
+    "all": tuple(OPS),
 }
 
 GraphMode = Literal["compiled", "full_decode", "piecewise", "eager"]
@@ -77,10 +102,10 @@ class FlagGemsConfig(BaseModel):
     @model_validator(mode="after")
     def _check_ops(self) -> FlagGemsConfig:
         for key, names in (("include", self.include or []), ("exclude", self.exclude)):
-            unknown = [n for n in names if n not in KNOWN_OPS]
+            unknown = [n for n in names if n not in OPS]
             if unknown:
                 raise ValueError(
-                    f"{key}: unknown op(s) {unknown}; known ops: {sorted(KNOWN_OPS)}"
+                    f"{key}: unknown op(s) {unknown}; known ops: {sorted(OPS)}"
                 )
         if self.include is not None and not self.include:
             raise ValueError("include: empty list; omit it to use the named set in ops")
@@ -91,7 +116,7 @@ class FlagGemsConfig(BaseModel):
     def selected_ops(self) -> tuple[str, ...]:
         """The ops to patch, in a stable order."""
         base = self.include if self.include is not None else OP_SETS[self.ops]
-        return tuple(op for op in KNOWN_OPS if op in base and op not in self.exclude)
+        return tuple(op for op in OPS if op in base and op not in self.exclude)
 
     def to_env(self) -> str:
         return self.model_dump_json()
@@ -100,8 +125,8 @@ class FlagGemsConfig(BaseModel):
 _FIXES = {
     "ops": f"use one of {sorted(OP_SETS)}, or list ops under include:",
     "graph_mode": f"use one of {sorted(GRAPH_MODES)}",
-    "include": f"known ops: {sorted(KNOWN_OPS)}",
-    "exclude": f"known ops: {sorted(KNOWN_OPS)}",
+    "include": f"known ops: {sorted(OPS)}",
+    "exclude": f"known ops: {sorted(OPS)}",
 }
 
 

@@ -1,4 +1,6 @@
-"""Can this host run FlagGems? Checked on the replica before the engine starts.
+"""Can this host run FlagGems? The only host check: the replica runs it once,
+before its engine starts, and its plan (:mod:`cluster.kernels.plan`) carries
+the answer to every vLLM process.
 
 The deep check (``import flag_gems`` and resolving each kernel) initialises
 CUDA, so it runs in a short-lived subprocess: the replica process that hosts
@@ -14,7 +16,6 @@ import sys
 from dataclasses import dataclass
 
 from cluster.errors import FleetserveError
-from cluster.kernels.config import FlagGemsConfig
 
 
 class FlagGemsUnavailable(FleetserveError):
@@ -23,6 +24,8 @@ class FlagGemsUnavailable(FleetserveError):
 
 @dataclass(frozen=True)
 class HostSupport:
+    """The probe's answer: ``reason`` says why not, ``details`` what was found."""
+
     ok: bool
     reason: str = ""
     details: str = ""
@@ -67,24 +70,3 @@ def probe_host(deep: bool = True, timeout: float = 180.0) -> HostSupport:
     if "error" in result:
         return HostSupport(False, f"FlagGems cannot load its kernels: {result['error']}")
     return HostSupport(True, details=f"{result.get('device')} flag_gems {result.get('flag_gems')}")
-
-
-def check_host_support(cfg: FlagGemsConfig, *, deep: bool = True) -> HostSupport:
-    """Fail clearly if ``cfg`` asks for FlagGems on a host that cannot run it.
-
-    Returns the probe result; raises :class:`FlagGemsUnavailable` when FlagGems is
-    enabled, the host cannot run it and ``fallback_to_stock`` is false. With
-    ``fallback_to_stock`` the deployment starts on vLLM's stock kernels and the
-    workers' reports say ``fallback`` with the reason.
-    """
-    if not cfg.enabled:
-        return HostSupport(True, "flaggems disabled")
-    support = probe_host(deep=deep)
-    if not support.ok and not cfg.fallback_to_stock:
-        raise FlagGemsUnavailable(
-            f"flaggems.enabled is true but this host cannot run FlagGems: {support.reason}. "
-            "Fix: run this deployment on GPU hosts with triton and flag-gems installed, "
-            "set flaggems.enabled: false, or set flaggems.fallback_to_stock: true to serve "
-            "with vLLM's stock kernels instead."
-        )
-    return support

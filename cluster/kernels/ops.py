@@ -52,7 +52,6 @@ class KernelState:
     """Per-process record of FlagGems kernel loading and (optionally) calls."""
 
     record: bool = False
-    fallback: bool = False
     loaded: bool | None = None  # None: not tried yet
     load_error: str = ""
     calls: dict[str, int] = field(default_factory=dict)
@@ -194,7 +193,7 @@ def define_custom_ops() -> None:
 # Installing each op into vLLM. Each installer returns an OpResult and never raises.
 # ----------------------------------------------------------------------------------
 
-def _install_ir_rms_norm(available: bool) -> OpResult:
+def _install_ir_rms_norm() -> OpResult:
     import torch
     from vllm import ir
     from torch import Tensor
@@ -216,13 +215,11 @@ def _install_ir_rms_norm(available: bool) -> OpResult:
     def impl(x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None) -> Tensor:
         return torch.ops.fleetserve_gems.rms_norm(x, weight, epsilon)
 
-    op.register_impl(PROVIDER, supports_args=supports, supported=available and torch.cuda.is_available())(impl)
-    if not available:
-        return OpResult("skipped", "registered as unsupported (fallback): vLLM dispatches its own kernel", target)
+    op.register_impl(PROVIDER, supports_args=supports, supported=torch.cuda.is_available())(impl)
     return OpResult("patched", "", target, "flag_gems.ops.rms_norm.rms_norm_forward")
 
 
-def _install_ir_fused_add_rms_norm(available: bool) -> OpResult:
+def _install_ir_fused_add_rms_norm() -> OpResult:
     import torch
     from vllm import ir
     from torch import Tensor
@@ -249,10 +246,8 @@ def _install_ir_fused_add_rms_norm(available: bool) -> OpResult:
         torch.ops.fleetserve_gems.fused_add_rms_norm(x, x_residual, weight, epsilon)
         return x, x_residual
 
-    op.register_impl(PROVIDER, supports_args=supports, supported=available and torch.cuda.is_available(),
+    op.register_impl(PROVIDER, supports_args=supports, supported=torch.cuda.is_available(),
                      inplace=True)(impl)
-    if not available:
-        return OpResult("skipped", "registered as unsupported (fallback): vLLM dispatches its own kernel", target)
     return OpResult("patched", "", target, "flag_gems.fused.fused_add_rms_norm")
 
 
@@ -274,9 +269,7 @@ def _patch_method(cls: type, name: str, expected: tuple[str, ...], make: Callabl
     return OpResult("patched", "", target, kernel_name)
 
 
-def _install_silu_and_mul(available: bool) -> OpResult:
-    if not available:
-        return OpResult("skipped", "fallback: stock SiluAndMul kept", "SiluAndMul.forward_cuda")
+def _install_silu_and_mul() -> OpResult:
     import torch
     from vllm.model_executor.layers.activation import SiluAndMul
 
@@ -291,9 +284,7 @@ def _install_silu_and_mul(available: bool) -> OpResult:
                          "vllm...activation.SiluAndMul.forward_cuda", "flag_gems.fused.silu_and_mul_out")
 
 
-def _install_rotary_embedding(available: bool) -> OpResult:
-    if not available:
-        return OpResult("skipped", "fallback: stock RotaryEmbedding kept", "RotaryEmbedding.forward_cuda")
+def _install_rotary_embedding() -> OpResult:
     import torch
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
@@ -315,32 +306,28 @@ def _install_rotary_embedding(available: bool) -> OpResult:
                          "flag_gems.fused.apply_rotary_pos_emb")
 
 
-INSTALLERS: dict[str, Callable[[bool], OpResult]] = {
+#: One installer per op of the op table (cluster.kernels.config.OPS; a test checks they match).
+INSTALLERS: dict[str, Callable[[], OpResult]] = {
     "rms_norm": _install_ir_rms_norm,
     "fused_add_rms_norm": _install_ir_fused_add_rms_norm,
     "silu_and_mul": _install_silu_and_mul,
     "rotary_embedding": _install_rotary_embedding,
 }
 
-#: Ops that vLLM dispatches through its IR priority lists (engine_overrides sets them).
-IR_OPS = ("rms_norm", "fused_add_rms_norm")
-#: Ops that are vLLM CustomOps: under torch.compile they must be enabled (+name).
-CUSTOM_OPS = {"silu_and_mul": "silu_and_mul", "rotary_embedding": "rotary_embedding"}
 
 
-def install(ops: tuple[str, ...], available: bool = True) -> dict[str, OpResult]:
+def install(ops: tuple[str, ...]) -> dict[str, OpResult]:
     """Swap ``ops`` into vLLM in this process; every op gets a result, none raises.
 
-    ``available=False`` (fallback on a host without FlagGems): IR ops still get a
-    ``flaggems`` provider, registered as unsupported, so the ``ir_op_priority``
-    that engine_overrides put into the engine config stays valid and vLLM picks
-    its own kernels; nothing else is touched.
+    IR ops get a ``flaggems`` provider in every process (the engine config's
+    ``ir_op_priority`` names it, and vLLM validates that wherever it builds the
+    config); it is marked supported only where CUDA is (the GPU workers).
     """
     define_custom_ops()
     results: dict[str, OpResult] = {}
     for name in ops:
         try:
-            results[name] = INSTALLERS[name](available)
+            results[name] = INSTALLERS[name]()
         except Exception as exc:  # a broken op must not take the others down
             logger.exception("fleetserve flaggems: installing %s failed", name)
             results[name] = OpResult("failed", f"{type(exc).__name__}: {exc}")

@@ -1,19 +1,19 @@
-"""vLLM general plugin: arms FlagGems kernels in one deployment's processes.
+"""vLLM general plugin: follows the replica's FlagGems plan in each vLLM process.
 
 Registered in pyproject.toml under ``vllm.general_plugins``; vLLM calls
 :func:`register` in every process it starts (API/engine process, engine core,
-each GPU worker, on every host). Without ``FLEETSERVE_FLAGGEMS`` in the
-environment it returns at once, so stock deployments are untouched. fleetserve
-sets that variable only in the runtime env of deployments whose spec says
-``flaggems.enabled: true`` (:func:`cluster.kernels.runtime_env_vars`); Ray
-hands a replica's runtime env to the worker actors it creates, so every worker
-of that deployment, and no other, is armed.
+each GPU worker, on every host). The replica decided what they all do before
+its engine started (:mod:`cluster.kernels.plan`) and put that plan into the
+environment vLLM carries to each of them. Without a plan the plugin returns at
+once, so stock deployments are untouched. It checks no host itself:
+
+* ``active``: install the plan's ops, report what each became;
+* ``fallback``: install nothing, report ``fallback`` with the replica's reason.
 """
 
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import logging
 import os
 import socket
@@ -21,10 +21,13 @@ import sys
 from typing import Any
 
 from cluster.kernels import ops as _ops
-from cluster.kernels.config import DEPLOYMENT_ENV_VAR, ENV_VAR, FLAGGEMS_CACHE_ENV_VAR, FlagGemsConfig, config_from_env
+from cluster.kernels.plan import KernelPlan, plan_from_env
 from cluster.kernels.report import publish
 
 logger = logging.getLogger("fleetserve.flaggems")
+
+#: FlagGems' own cache dir variable (tuned configs + generated code).
+FLAGGEMS_CACHE_ENV_VAR = "FLAGGEMS_CACHE_DIR"
 
 _REPORT: dict[str, Any] | None = None
 
@@ -49,21 +52,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _unsupported_reason() -> str | None:
-    """Why this process cannot run FlagGems (cheap checks: no CUDA context)."""
-    try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cuda():
-            return f"vLLM platform is {current_platform.device_type or 'unknown'}, not CUDA"
-    except Exception as exc:
-        return f"cannot determine the vLLM platform: {exc}"
-    for mod, pkg in (("triton", "triton"), ("flag_gems", "flag-gems")):
-        if importlib.util.find_spec(mod) is None:
-            return f"Python package {pkg} is not installed"
-    return None
-
-
 def _refresh() -> None:
     """Re-publish this process's report (kernel load result, recorded calls)."""
     if _REPORT is None:
@@ -81,44 +69,35 @@ def _refresh() -> None:
         logger.warning("fleetserve flaggems: cannot write report: %s", exc)
 
 
-def _arm(cfg: FlagGemsConfig, deployment: str) -> dict[str, Any]:
+def _follow(plan: KernelPlan) -> dict[str, Any]:
+    """Carry out ``plan`` in this process; returns its report."""
     report: dict[str, Any] = {
-        "deployment": deployment,
+        "deployment": plan.deployment,
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "process": _process_title(),
-        "graph_mode": cfg.graph_mode,
-        "requested_ops": list(cfg.selected_ops()),
+        "plan": plan.model_dump(mode="json"),
+        "graph_mode": plan.graph_mode,
+        "requested_ops": list(plan.ops),
         "versions": _versions(),
         "ops": {},
         "kernels_loaded": None,
     }
-    if not cfg.enabled:
-        report["status"] = "disabled"
+    if plan.mode == "fallback":
+        report["status"] = "fallback"
+        report["reason"] = plan.reason
+        report["ops"] = {op: {"status": "skipped", "reason": plan.reason} for op in plan.ops}
         return report
     # FlagGems reads its cache dir when it is imported: set it before that.
     # Per host, outlives restarts: FlagGems' autotuned configs and generated code.
-    os.environ[FLAGGEMS_CACHE_ENV_VAR] = os.path.expanduser(os.environ.get(FLAGGEMS_CACHE_ENV_VAR) or cfg.tuning_cache_dir)
+    # Expanded here, not by the replica: ~ is each host's own home.
+    os.environ[FLAGGEMS_CACHE_ENV_VAR] = os.path.expanduser(
+        os.environ.get(FLAGGEMS_CACHE_ENV_VAR) or plan.tuning_cache_dir)
     report["tuning_cache_dir"] = os.environ[FLAGGEMS_CACHE_ENV_VAR]
-    why = _unsupported_reason()
-    if why is not None:
-        report["ops"] = {op: {"status": "skipped", "reason": why} for op in cfg.selected_ops()}
-        if cfg.fallback_to_stock:
-            # Keep the engine config's IR priorities valid: register the provider as unsupported.
-            for op, res in _ops.install(cfg.selected_ops(), available=False).items():
-                if res.status == "failed":
-                    report["ops"][op] = vars(res)
-            report["status"] = "fallback"
-            report["reason"] = f"{why}; serving with vLLM's stock kernels (fallback_to_stock: true)"
-            logger.warning("fleetserve flaggems [%s]: %s", deployment, report["reason"])
-            return report
-        report["status"] = "failed"
-        report["reason"] = why
-        return report
     os.environ.setdefault("GEMS_VENDOR", "nvidia")  # skips FlagGems' vendor probing by subprocess
-    _ops.STATE.record = cfg.record
+    _ops.STATE.record = plan.record
     _ops.STATE.on_change = _refresh
-    results = _ops.install(cfg.selected_ops())
+    results = _ops.install(plan.ops)
     report["ops"] = {op: vars(res) for op, res in results.items()}
     patched = [op for op, r in results.items() if r.status == "patched"]
     report["status"] = "active" if patched else "failed"
@@ -128,28 +107,26 @@ def _arm(cfg: FlagGemsConfig, deployment: str) -> dict[str, Any]:
 
 
 def register() -> None:
-    """vLLM plugin entry point; idempotent, a no-op unless armed."""
+    """vLLM plugin entry point; idempotent, a no-op without a plan."""
     global _REPORT
-    if not os.environ.get(ENV_VAR) or _REPORT is not None:
+    if _REPORT is not None:
         return
-    cfg = config_from_env(os.environ)
-    assert cfg is not None
-    deployment = os.environ.get(DEPLOYMENT_ENV_VAR, "")
-    _REPORT = _arm(cfg, deployment)
+    plan = plan_from_env(os.environ)
+    if plan is None or plan.mode == "off":
+        return
+    _REPORT = _follow(plan)
     _refresh()
     summary = ", ".join(f"{op}={r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
                         for op, r in _REPORT["ops"].items())
-    logger.warning("fleetserve flaggems [%s] pid %d: %s; %s", deployment, os.getpid(), _REPORT["status"], summary)
-    if cfg.record:
+    logger.warning("fleetserve flaggems [%s] pid %d: %s; %s", plan.deployment, os.getpid(), _REPORT["status"], summary)
+    if plan.record:
         atexit.register(_refresh)
-    if _REPORT["status"] == "failed" and not cfg.fallback_to_stock:
+    if _REPORT["status"] == "failed":
+        # The replica's probe said this host can run FlagGems, yet no op could be
+        # swapped here (a vLLM whose ops changed): stock kernels would be a silent
+        # fallback the plan did not choose.
         raise RuntimeError(
-            f"fleetserve flaggems: deployment {deployment!r} asked for FlagGems kernels but this process "
-            f"cannot use them: {_REPORT.get('reason')}. Fix: run it on GPU hosts with triton and "
-            f"flag-gems, set flaggems.enabled: false, or set flaggems.fallback_to_stock: true."
+            f"fleetserve flaggems: deployment {plan.deployment!r} planned FlagGems kernels but this process "
+            f"could patch none of {list(plan.ops)} (see each op's reason in its report). Fix: use the vLLM "
+            f"version fleetserve was checked against, or set flaggems.enabled: false."
         )
-
-
-def report() -> dict[str, Any] | None:
-    """This process's report (None if the plugin is not armed here)."""
-    return _REPORT

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from cluster.kernels import engine_overrides, runtime_env_vars
+from cluster.kernels import runtime_env_vars
 from cluster.serving.placement import replica_placement
 from cluster.serving.auth import load_key_digests
 from cluster.spec import DeploymentSpec, ServingArgs, check_endpoint_exposure, check_world_size, load_serving_args
@@ -28,7 +28,11 @@ SERVER_CLS = "cluster.serving.engine:FleetLLMServer"
 
 
 def engine_kwargs_for(spec: DeploymentSpec) -> dict[str, Any]:
-    """vLLM engine kwargs: user passthrough + what the spec owns + FlagGems mode."""
+    """vLLM engine kwargs: user passthrough + what the spec owns.
+
+    The FlagGems kwargs are not here: each replica adds them at start, from the
+    plan it makes on its own host (:mod:`cluster.kernels.plan`).
+    """
     kwargs: dict[str, Any] = dict(spec.engine_args)
     kwargs["tensor_parallel_size"] = spec.tensor_parallel_size
     kwargs["pipeline_parallel_size"] = spec.pipeline_parallel_size
@@ -38,9 +42,6 @@ def engine_kwargs_for(spec: DeploymentSpec) -> dict[str, Any]:
         kwargs["load_format"] = spec.model.load_format
     if spec.model.tokenizer:
         kwargs["tokenizer"] = spec.model.tokenizer
-    for key, value in engine_overrides(spec.flaggems).items():
-        # The FlagGems graph mode decides compilation/eager unless the user set it.
-        kwargs.setdefault(key, value)
     return kwargs
 
 
@@ -48,7 +49,7 @@ def runtime_env_for(spec: DeploymentSpec) -> dict[str, Any]:
     """The replica's runtime env; Ray hands it to every vLLM worker it spawns."""
     env = copy.deepcopy(spec.runtime_env)
     env_vars = dict(env.get("env_vars", {}))
-    env_vars.update(runtime_env_vars(spec.flaggems, spec.served_name))
+    env_vars.update(runtime_env_vars(spec.flaggems))  # requested; the replica plans from it
     env_vars.setdefault("FLEETSERVE_DEPLOYMENT", spec.served_name)
     env_vars["FLEETSERVE_STARTUP_TIMEOUT_S"] = f"{spec.replicas.startup_timeout_s:g}"
     env["env_vars"] = env_vars

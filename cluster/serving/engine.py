@@ -30,15 +30,20 @@ class FleetLLMServer(LLMServer):
     """LLMServer with the FlagGems host check and a status method for /health."""
 
     async def start(self) -> None:
-        from cluster.kernels import FlagGemsConfig, check_host_support, config_from_env
+        from cluster.kernels import FlagGemsConfig, config_from_env, plan_kernels
 
         self._check_model_here()
         cfg = config_from_env(os.environ) or FlagGemsConfig()
-        # Raises a clear error (Serve marks the deployment DEPLOY_FAILED with it)
-        # unless the user asked to fall back to stock kernels.
-        support = check_host_support(cfg)
-        if cfg.enabled and not support.ok:
-            _drop_flaggems_overrides(self._llm_config.engine_kwargs)
+        # This replica's one FlagGems decision, on its own host. Raises a clear error
+        # (Serve marks the deployment DEPLOY_FAILED with it) when the host cannot run
+        # FlagGems, unless the user asked to fall back to stock kernels.
+        plan = plan_kernels(cfg, os.environ.get("FLEETSERVE_DEPLOYMENT", ""))
+        for key, value in plan.engine_kwargs().items():
+            # The FlagGems graph mode decides compilation/eager unless the user set it.
+            self._llm_config.engine_kwargs.setdefault(key, value)
+        # Before the engine starts: the engine core inherits this environment and
+        # vLLM's Ray executor copies the plan to every TP/PP worker (see plan.env).
+        os.environ.update(plan.env(os.environ))
         timeout_s = float(os.environ.get("FLEETSERVE_STARTUP_TIMEOUT_S", "1800"))
         try:
             await asyncio.wait_for(super().start(), timeout=timeout_s)
@@ -114,20 +119,6 @@ class FleetLLMServer(LLMServer):
 
 class ReplicaStartError(RuntimeError):
     """A replica that cannot start because of its config; Serve shows the message in the deployment status."""
-
-
-def _drop_flaggems_overrides(engine_kwargs: dict[str, Any]) -> None:
-    """Fallback to stock kernels: take out what only the FlagGems mode needs.
-
-    ``ir_op_priority`` names the ``flaggems`` provider, which vLLM validates in
-    processes where the plugin never registered it (it is not armed when the
-    host cannot run FlagGems); the graph mode the user chose is kept.
-    """
-    engine_kwargs.pop("ir_op_priority", None)
-    compilation = engine_kwargs.get("compilation_config")
-    if isinstance(compilation, dict) and "custom_ops" in compilation:
-        compilation = {k: v for k, v in compilation.items() if k != "custom_ops"}
-        engine_kwargs["compilation_config"] = compilation
 
 
 def _node_ip() -> str:
