@@ -1,14 +1,16 @@
-"""``fleetserve prometheus`` without a cluster: the config it writes and its errors.
+"""Observability without a cluster: ``fleetserve prometheus``'s config and errors, the status scrape.
 
-The live path (Prometheus scraping a running app through Ray's service-discovery
-file) is tested in tests/test_metrics.py.
+The live paths (Prometheus scraping a running app through Ray's service-discovery
+file, the gauges of a real engine) are tested in tests/test_metrics.py.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import subprocess
+import threading
 
 import pytest
 import yaml
@@ -63,3 +65,49 @@ def test_bad_scrape_interval_is_refused(tmp_path, interval):
 
     with pytest.raises(FleetserveError, match="scrape-interval"):
         prometheus_config(tmp_path / SERVICE_DISCOVERY_FILE, interval)
+
+
+# One replica with two engines (data parallel), as Ray's endpoint exposes vLLM's and Serve's series.
+SCRAPE = """\
+# HELP ray_vllm_num_requests_running Number of requests in model execution batches.
+# TYPE ray_vllm_num_requests_running gauge
+ray_vllm_num_requests_running{ReplicaId="r1",engine="0",model_name="m"} 3.0
+ray_vllm_num_requests_running{ReplicaId="r1",engine="1",model_name="m"} 2.0
+# HELP ray_vllm_num_requests_waiting Number of requests waiting to be processed.
+# TYPE ray_vllm_num_requests_waiting gauge
+ray_vllm_num_requests_waiting{ReplicaId="r1",engine="0",model_name="m"} 1.0
+ray_vllm_num_requests_waiting{ReplicaId="r1",engine="1",model_name="m"} 0.0
+# HELP ray_vllm_kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE ray_vllm_kv_cache_usage_perc gauge
+ray_vllm_kv_cache_usage_perc{ReplicaId="r1",engine="0",model_name="m"} 0.25
+ray_vllm_kv_cache_usage_perc{ReplicaId="r1",engine="1",model_name="m"} 0.75
+# HELP ray_serve_replica_processing_queries The current number of queries being processed.
+# TYPE ray_serve_replica_processing_queries gauge
+ray_serve_replica_processing_queries{application="a",deployment="d",replica="r1"} 6.0
+"""
+
+
+def test_status_scrape_adds_counts_and_keeps_the_fullest_kv_cache():
+    from cluster.serving.status import scrape_replica_load
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = SCRAPE.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # The second endpoint answers nothing: it leaves "-", not an error.
+        loads = scrape_replica_load([f"http://127.0.0.1:{server.server_port}/metrics", "http://127.0.0.1:9/metrics"])
+    finally:
+        server.shutdown()
+    load = loads["r1"]
+    assert (load.running, load.waiting, load.kv_cache, load.ongoing) == (5.0, 1.0, 0.75, 6.0)
