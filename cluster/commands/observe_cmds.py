@@ -101,13 +101,13 @@ def prometheus(
     cmd = prometheus_command(config_file, directory / "data", listen, binary or "prometheus")
     host = listen.rsplit(":", 1)
     url = f"http://{'localhost' if host[0] in ('', '0.0.0.0', '127.0.0.1') else host[0]}:{host[-1]}"
-    console.print(f"wrote {config_file} (targets from {sd})", highlight=False)
+    console.print(f"wrote {config_file} (targets from {sd})", highlight=False, soft_wrap=True)
     if url != "http://localhost:9090":
-        console.print(f"the Ray dashboard finds it if the head starts with RAY_PROMETHEUS_HOST={url}", highlight=False)
+        console.print(f"the Ray dashboard finds it if the head starts with RAY_PROMETHEUS_HOST={url}", highlight=False, soft_wrap=True)
     if print_only:
         console.print(" ".join(cmd), highlight=False, soft_wrap=True)
         return
-    console.print(f"prometheus on {url} (Ctrl-C stops it)", highlight=False)
+    console.print(f"prometheus on {url} (Ctrl-C stops it)", highlight=False, soft_wrap=True)
     # exec: the PID the caller started is Prometheus itself, so a signal reaches it directly.
     os.execv(cmd[0], cmd)
 
