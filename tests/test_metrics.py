@@ -294,7 +294,8 @@ def test_prometheus_scrapes_the_cluster_through_rays_service_discovery(scraped, 
         result: list = []
         while not result:
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"Prometheus has no {query}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, \
+                f"Prometheus has no {query}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}"
             try:
                 r = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", params={"query": query}, timeout=5)
                 result = r.json()["data"]["result"] if r.status_code == 200 else []

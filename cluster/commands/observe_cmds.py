@@ -103,7 +103,8 @@ def prometheus(
     url = f"http://{'localhost' if host[0] in ('', '0.0.0.0', '127.0.0.1') else host[0]}:{host[-1]}"
     console.print(f"wrote {config_file} (targets from {sd})", highlight=False, soft_wrap=True)
     if url != "http://localhost:9090":
-        console.print(f"the Ray dashboard finds it if the head starts with RAY_PROMETHEUS_HOST={url}", highlight=False, soft_wrap=True)
+        console.print(f"the Ray dashboard finds it if the head starts with RAY_PROMETHEUS_HOST={url}",
+                      highlight=False, soft_wrap=True)
     if print_only:
         console.print(" ".join(cmd), highlight=False, soft_wrap=True)
         return
