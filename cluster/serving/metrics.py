@@ -168,11 +168,15 @@ async def keep_engine_gauges(server: Any) -> None:
     and the loop ends.
     """
     period = gauge_refresh_period_s()
+    # Started after LLMServer.start(): the engine client exists, unless Ray moved it.
+    engine_client = getattr(getattr(server, "engine", None), "_engine_client", None)
+    if engine_client is None:
+        logger.warning("fleetserve: no vLLM engine client on this LLMServer; idle replicas will show no "
+                       "running/waiting/KV-cache series")
+        return
     while True:
         try:
-            engine_client = getattr(server.engine, "_engine_client", None)
-            if engine_client is not None:
-                record_idle_engine_state(engine_client)
+            record_idle_engine_state(engine_client)
         except Exception:
             logger.warning("fleetserve: cannot keep vLLM's idle gauges on the metrics endpoint", exc_info=True)
             return
