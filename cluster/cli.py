@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from cluster.commands import cluster_cmds, model_cmds, serve_cmds
+from cluster.commands import cluster_cmds, model_cmds, observe_cmds, serve_cmds
 
 app = typer.Typer(
     name="fleetserve",
@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (cluster_cmds, model_cmds, serve_cmds):
+for module in (cluster_cmds, model_cmds, serve_cmds, observe_cmds):
     module.register(app)
 
 

@@ -11,6 +11,11 @@ bash scripts/setup-cpu.sh
 if [ "$(id -u)" = 0 ] && [ -f scripts/setup-host-emulation.sh ]; then
   bash scripts/setup-host-emulation.sh
 fi
+# Prometheus (Debian's package) for the scrape-through-service-discovery test; without
+# root and without the package that test is skipped.
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/setup-prometheus.sh
+fi
 export PYTHONUNBUFFERED=1
 # A later -m given by the caller replaces this one (pytest keeps the last).
 exec .venv/bin/python -m pytest -m "not gpu and not soak" "$@"

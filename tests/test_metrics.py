@@ -8,12 +8,21 @@ node exports metrics on a known port; the tests send real requests, scrape
   for the served model and carry the Serve replica's id,
 * fleetserve's FlagGems series carry Serve's deployment and replica labels,
 * every series the Grafana dashboard queries exists,
-* ``cluster.serving.status`` summarises the deployment from the same sources.
+* vLLM's scheduler gauges (running, waiting, KV cache) are there with sane values
+  under load and stay there while the replica idles,
+* ``cluster.serving.status`` summarises the deployment from the same sources,
+* ``fleetserve prometheus`` (Debian's Prometheus) scrapes the node through the
+  service-discovery file Ray's dashboard writes, and the dashboard sees it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +34,9 @@ from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-PORT, METRICS_PORT = 8410, 8411
+PORT, METRICS_PORT, DASHBOARD_PORT, PROMETHEUS_PORT = 8410, 8411, 8412, 8413
 BASE = f"http://127.0.0.1:{PORT}"
+PROMETHEUS_URL = f"http://127.0.0.1:{PROMETHEUS_PORT}"
 MODEL = "tiny-text"
 DEPLOYMENT = f"FleetLLMServer:{MODEL}"
 
@@ -52,14 +62,24 @@ def app():
     from cluster.serving.app import build_app
 
     model = tiny_qwen2()
-    with local_ray(_metrics_export_port=METRICS_PORT):
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        t0 = time.monotonic()
-        serve.run(build_app(tiny_args(model, MODEL)), name="metrics", route_prefix="/", blocking=False)
-        wait_healthy(BASE, 900)
-        print(f"app ready in {time.monotonic() - t0:.0f}s")
-        yield
-        serve.shutdown()
+    # With the dashboard: it writes Prometheus's service-discovery file, and its Metrics page
+    # asks the Prometheus that RAY_PROMETHEUS_HOST names (read when the dashboard starts).
+    saved = os.environ.get("RAY_PROMETHEUS_HOST")
+    os.environ["RAY_PROMETHEUS_HOST"] = PROMETHEUS_URL
+    try:
+        with local_ray(_metrics_export_port=METRICS_PORT, include_dashboard=True, dashboard_port=DASHBOARD_PORT):
+            serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+            t0 = time.monotonic()
+            serve.run(build_app(tiny_args(model, MODEL)), name="metrics", route_prefix="/", blocking=False)
+            wait_healthy(BASE, 900)
+            print(f"app ready in {time.monotonic() - t0:.0f}s")
+            yield
+            serve.shutdown()
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_PROMETHEUS_HOST", None)
+        else:
+            os.environ["RAY_PROMETHEUS_HOST"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +172,80 @@ def test_grafana_dashboard_series_exist(scraped):
     assert not missing, f"dashboard queries series the cluster does not export: {missing}"
 
 
+ENGINE_GAUGES = {"running": "ray_vllm_num_requests_running", "waiting": "ray_vllm_num_requests_waiting",
+                 "kv_cache": "ray_vllm_kv_cache_usage_perc"}
+
+
+def engine_gauges(replica: str) -> dict[str, float | None]:
+    """vLLM's scheduler gauges of one replica as scraped now (None: the series is absent)."""
+    samples = scrape()
+    out: dict[str, float | None] = {}
+    for key, name in ENGINE_GAUGES.items():
+        mine = [s.value for s in samples.get(name, [])
+                if s.labels.get("model_name") == MODEL and s.labels.get("ReplicaId") == replica]
+        out[key] = sum(mine) if mine else None
+    return out
+
+
+def llm_row() -> dict:
+    from cluster.serving.status import collect_serve_summary
+
+    return next(r for r in collect_serve_summary() if r["deployment"] == DEPLOYMENT)
+
+
+def test_engine_gauges_under_load_and_while_idle(scraped):
+    """The gauges `fleetserve status` shows: real values under load, zeros (not absent) when idle."""
+    import ray
+    from openai import OpenAI
+
+    (replica,) = _serve_replica_ids()
+    max_num_seqs = 8  # tiny_args' engine_args
+    client = OpenAI(base_url=f"{BASE}/v1", api_key="none", timeout=300, max_retries=0)
+    stop = threading.Event()
+
+    def load(i: int) -> None:
+        while not stop.is_set():  # ignore_eos: every request decodes its max_tokens
+            client.chat.completions.create(model=MODEL, max_tokens=48, extra_body={"ignore_eos": True},
+                                           messages=[{"role": "user", "content": f"the a of w{i}"}])
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(max_num_seqs + 2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            gauges, row = engine_gauges(replica), llm_row()
+            if (gauges["running"] or 0) >= 1 and (gauges["kv_cache"] or 0) > 0 and (row["running"] or 0) >= 1:
+                break
+            assert time.monotonic() < deadline, f"no busy engine seen under load: scrape {gauges}, status {row}"
+            time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(300)
+    print(f"under load: {gauges}; status row running={row['running']} waiting={row['waiting']} "
+          f"kv={row['kv_cache']}")
+    assert 1 <= gauges["running"] <= max_num_seqs and gauges["waiting"] is not None and gauges["waiting"] >= 0
+    assert 0 < gauges["kv_cache"] <= 1
+    assert row["waiting"] is not None and 0 < row["kv_cache"] <= 1
+
+    # Idle: the engine's last step may be exported late, so wait for zeros first; then the series
+    # must stay through more than Ray's gauge TTL (two export intervals), as an idle replica does.
+    deadline = time.monotonic() + 120
+    while engine_gauges(replica) != {"running": 0, "waiting": 0, "kv_cache": 0}:
+        assert time.monotonic() < deadline, f"engine not idle on the endpoint: {engine_gauges(replica)}"
+        time.sleep(1)
+    idle_for = 3 * max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < idle_for:
+        gauges = engine_gauges(replica)
+        assert gauges == {"running": 0, "waiting": 0, "kv_cache": 0}, \
+            f"{time.monotonic() - idle_since:.0f}s into idling: {gauges}"
+        time.sleep(2)
+    row = llm_row()
+    assert (row["running"], row["waiting"], row["kv_cache"], row["ongoing"]) == (0, 0, 0, 0), row
+
+
 def test_status_summary(scraped):
     from rich.console import Console
 
@@ -174,3 +268,55 @@ def test_status_summary(scraped):
     summary = json.loads(json.dumps(collect_serve_summary()))
     assert {r["deployment"] for r in summary} == {r.deployment for r in rows}
     console.print(table_from_json(summary))
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="no prometheus binary (scripts/setup-prometheus.sh installs Debian's package)")
+def test_prometheus_scrapes_the_cluster_through_rays_service_discovery(scraped, tmp_path):
+    """`fleetserve prometheus` on the head: every node found through Ray's file, the app's series queryable."""
+    import ray
+
+    from cluster.commands.observe_cmds import SERVICE_DISCOVERY_FILE
+
+    # This cluster's own file (the /tmp/ray link is shared with any other Ray on this machine).
+    sd = Path(ray._private.worker._global_node.get_session_dir_path()) / SERVICE_DISCOVERY_FILE
+    deadline = time.monotonic() + 60
+    while not (sd.is_file() and f":{METRICS_PORT}" in sd.read_text()):
+        assert time.monotonic() < deadline, f"the dashboard did not list the node in {sd}"
+        time.sleep(1)
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("fleetserve")), "prometheus", "--sd-file", str(sd),
+                             "--dir", str(tmp_path / "prom"), "--listen", f"127.0.0.1:{PROMETHEUS_PORT}",
+                             "--scrape-interval", "2s"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        query = f'ray_vllm_generation_tokens_total{{model_name="{MODEL}"}}'
+        deadline = time.monotonic() + 120
+        result: list = []
+        while not result:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, \
+                f"Prometheus has no {query}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+            try:
+                r = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", params={"query": query}, timeout=5)
+                result = r.json()["data"]["result"] if r.status_code == 200 else []
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert float(result[0]["value"][1]) > 0 and result[0]["metric"]["ReplicaId"] in _serve_replica_ids()
+        # Every target came from Ray's file, and the node's endpoint is scraped.
+        targets = httpx.get(f"{PROMETHEUS_URL}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        listed = set(json.loads(sd.read_text())[0]["targets"])
+        assert {t["labels"]["instance"] for t in targets} == listed
+        node = next(t for t in targets if t["labels"]["instance"].endswith(f":{METRICS_PORT}"))
+        assert node["health"] == "up", node
+        serve_series = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", timeout=5, params={
+            "query": 'ray_serve_deployment_replica_healthy{application="metrics"}'}).json()["data"]["result"]
+        assert {s["metric"]["deployment"] for s in serve_series} >= {DEPLOYMENT}
+        # The dashboard's Metrics page asks this Prometheus (RAY_PROMETHEUS_HOST) and finds it.
+        health = httpx.get(f"http://127.0.0.1:{DASHBOARD_PORT}/api/prometheus_health", timeout=10)
+        assert health.status_code == 200, health.text
+    finally:
+        proc.terminate()  # the command exec'd Prometheus: this PID is Prometheus itself
+        proc.wait(60)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "prometheus.log").read_text()[-2000:]

@@ -136,7 +136,8 @@ def local_ray(**init_kwargs):
     if ray.is_initialized():
         ray.shutdown()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING", **init_kwargs)
+    init_kwargs.setdefault("include_dashboard", False)
+    ray.init(address="local", num_cpus=8, logging_level="WARNING", **init_kwargs)
     try:
         yield ray
     finally:

@@ -54,6 +54,9 @@ class FleetLLMServer(LLMServer):
             ) from None
         # Held on self: an unreferenced task may be garbage-collected mid-flight.
         self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(cfg))
+        from cluster.serving.metrics import keep_engine_gauges
+
+        self._gauges_task = asyncio.get_running_loop().create_task(keep_engine_gauges(self))
 
     def _batch_output_stream(self, generator: Any) -> Any:
         """First chunk at once, then batched (see :mod:`cluster.serving.streaming`).

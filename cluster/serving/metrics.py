@@ -23,10 +23,20 @@ both as Serve metrics (``ray.serve.metrics.Gauge`` stamps ``deployment``,
 
 Ray prefixes every exported name with ``ray_``; :data:`EXPORTED` lists the
 names as they appear on the endpoint.
+
+vLLM sets its scheduler gauges (running, waiting, KV cache) only when its engine
+core returns a step's outputs, i.e. only while requests run; Ray 2.58 drops a
+gauge series that was not recorded within two export intervals
+(``metrics_report_interval_ms``, 10 s by default). So on an idle replica, and
+before its first request, those series were simply absent (``fleetserve
+status`` showed "-"). :func:`keep_engine_gauges` records the idle state
+through vLLM's own stat loggers while the engine has no request -- nothing
+vLLM or Ray offers does that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from typing import Any
@@ -74,15 +84,18 @@ class ReplicaMetrics:
                              tag_keys=("model", "status"))
         self._calls = Gauge("fleetserve_flaggems_op_calls", "FlagGems kernel calls recorded (flaggems.record)",
                             tag_keys=("model", "op"))
-        info = Gauge("fleetserve_replica_info", "1 per live vLLM replica; joins vLLM's ReplicaId to Serve's labels",
-                     tag_keys=("model", "ReplicaId", "node_ip", "host"))
-        info.set(1, tags={"model": model, "ReplicaId": vllm_replica_id, "node_ip": node_ip,
-                          "host": socket.gethostname()})
-        self._info = info
+        self._info = Gauge("fleetserve_replica_info",
+                           "1 per live vLLM replica; joins vLLM's ReplicaId to Serve's labels",
+                           tag_keys=("model", "ReplicaId", "node_ip", "host"))
+        self._info_tags = {"model": model, "ReplicaId": vllm_replica_id, "node_ip": node_ip,
+                           "host": socket.gethostname()}
+        self._info.set(1, tags=self._info_tags)
         self._seen_ops: set[tuple[str, str]] = set()
 
     def update(self, report: dict[str, Any], enabled: bool, requested_ops: list[str]) -> None:
-        """Publish one :func:`cluster.kernels.collect_reports` result."""
+        """Publish one :func:`cluster.kernels.collect_reports` result (and re-record the info series)."""
+        # Re-recorded each period: Ray drops a gauge that is not recorded within two export intervals.
+        self._info.set(1, tags=self._info_tags)
         status = report["summary"]["status"] if enabled else "disabled"
         for state in FLAGGEMS_STATES:
             self._status.set(1 if state == status else 0, tags={"model": self.model, "status": state})
@@ -114,3 +127,57 @@ def vllm_replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:
         return ""
+
+
+def record_idle_engine_state(engine_client: Any) -> bool:
+    """If the vLLM engine has no request, record that state on its Prometheus stat loggers.
+
+    An engine without requests is exactly an empty scheduler: nothing running, nothing
+    waiting, and no KV blocks held (vLLM counts freed blocks as free even while they stay
+    prefix-cached). Returns False, recording nothing, while a request is in the engine:
+    then vLLM records the true state after every step itself. Runs on the replica's event
+    loop, the one vLLM's output handler records on, so the check and the record cannot
+    interleave with a step's record.
+    """
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    manager = engine_client.logger_manager
+    if manager is None or engine_client.output_processor.has_unfinished_requests():
+        return False
+    for stat_logger in manager.stat_loggers:
+        # Only the Prometheus loggers (Ray's is a subclass): the console logger would report a step.
+        if isinstance(stat_logger, PrometheusStatLogger):
+            for engine_idx in manager.engine_indexes:
+                stat_logger.record(scheduler_stats=SchedulerStats(), iteration_stats=None, engine_idx=engine_idx)
+    return True
+
+
+def gauge_refresh_period_s() -> float:
+    """Half of Ray's export interval: every export then carries a value younger than Ray's gauge TTL."""
+    import ray
+
+    return max(ray._config.metrics_report_interval_ms(), 1000) / 2000
+
+
+async def keep_engine_gauges(server: Any) -> None:
+    """Keep an ``LLMServer``'s vLLM scheduler gauges on Ray's endpoint while it idles (see module doc).
+
+    Reads ``server.engine._engine_client`` (ray.serve.llm's VLLMEngine holds vLLM's AsyncLLM
+    there; checked against Ray 2.58.0). Never lets the replica fail: a problem is logged once
+    and the loop ends.
+    """
+    period = gauge_refresh_period_s()
+    # Started after LLMServer.start(): the engine client exists, unless Ray moved it.
+    engine_client = getattr(getattr(server, "engine", None), "_engine_client", None)
+    if engine_client is None:
+        logger.warning("fleetserve: no vLLM engine client on this LLMServer; idle replicas will show no "
+                       "running/waiting/KV-cache series")
+        return
+    while True:
+        try:
+            record_idle_engine_state(engine_client)
+        except Exception:
+            logger.warning("fleetserve: cannot keep vLLM's idle gauges on the metrics endpoint", exc_info=True)
+            return
+        await asyncio.sleep(period)

@@ -120,7 +120,13 @@ def scrape_replica_load(endpoints: list[str], timeout: float = 3.0) -> dict[str,
                 if not rid:
                     continue
                 load = loads[rid]
-                setattr(load, attr, (getattr(load, attr) or 0.0) + sample.value)
+                previous = getattr(load, attr)
+                # Counts add up over a replica's engines (data parallel); KV-cache use is a
+                # fraction per engine: keep the fullest.
+                if previous is None:
+                    setattr(load, attr, sample.value)
+                else:
+                    setattr(load, attr, max(previous, sample.value) if attr == "kv_cache" else previous + sample.value)
     return dict(loads)
 
 
