@@ -10,6 +10,8 @@ raylet on one host; after each, the cluster is correct and ``status`` says so.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -118,6 +120,20 @@ def test_job_from_another_host_needs_the_token(cluster) -> None:
     assert r.stdout.strip() == "200", r.stdout + r.stderr
 
 
+def test_operator_with_the_token_uses_ray_clients(cluster, state: Path) -> None:
+    """From this machine: Ray's own job client works after `eval "$(fleetserve token)"`, not before."""
+    hf, rc, _ = cluster
+    code = (f"from ray.job_submission import JobSubmissionClient as C; "
+            f"print('JOBS', len(C('http://{HEAD}:8265').list_jobs()))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "JOBS" not in r.stdout
+    exports = cli("token", str(hf), state=state).stdout
+    r = subprocess.run(["sh", "-c", f'{exports.strip()} && exec "$0" -c "$1"', sys.executable, code],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "JOBS 1" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
 def test_listeners_bind_where_stated(cluster) -> None:
     _, rc, _ = cluster
     r = rc.pool.run(rc.head, "ss -ltnH")
@@ -209,8 +225,7 @@ def test_host_cut_off_during_ray_start(cluster, three_hosts: HostEmulator, state
         assert not ray_procs(three_hosts, 5), three_hosts.hosts[5].process_names()
 
         armed.unlink()
-        three_hosts.hosts[5]  # reconnect the host, then the next up must start exactly one raylet there
-        import subprocess
+        # reconnect the host; the next up must start exactly one raylet there
         subprocess.run(["ip", "netns", "exec", "fs-h5", "ip", "route", "del", "blackhole", f"{HEAD}/32"], check=True)
         r = cli("up", str(hf5), "--json", state=state)
         assert r.returncode == 0, r.stderr
