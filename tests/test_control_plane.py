@@ -143,8 +143,10 @@ def test_listeners_bind_where_stated(cluster) -> None:
     assert "0.0.0.0:8265" not in listening and "*:8265" not in listening
     # What else listens beyond the cluster address (documented in docs/security.md): every
     # such port either checks the token (GCS, raylet, agents) or serves read-only metrics.
-    wide = sorted(a for a in listening if a.startswith(("0.0.0.0:", "*:", "[::]:")))
-    print("listeners on all addresses:", wide)
+    r = rc.pool.run(rc.head, "ss -ltnpH")
+    wide = sorted(f"{line.split()[3]} {line.split()[-1]}" for line in r.stdout.splitlines()
+                  if line.split()[3].startswith(("0.0.0.0:", "*:", "[::]:")))
+    print("\nlisteners on all addresses:\n" + "\n".join(wide))
 
 
 def test_status_tells_the_truth_about_a_killed_raylet_at_once(cluster, three_hosts: HostEmulator, state: Path) -> None:
