@@ -855,9 +855,10 @@ class RayCluster:
                     raise ClusterError("Ray runs on the head but is not usable; nothing was started",
                                        {self.head.name: exc.reason + " (fix: fleetserve down, then up)"}, rolled_back=[]) from None
                 seen = self._classify(state["nodes"])
-                old_nodes = [n["node_id"] for n in state["nodes"]]
                 joined = {h.ray_ip for h in hosts if seen["hosts"][h.name] == "alive"}
                 repair = [h for h in hosts if h is not self.head and seen["hosts"][h.name] in ("dead", "duplicate")]
+                # a repaired host's old nodes must not count as its new one having joined
+                old_nodes = [n["node_id"] for n in state["nodes"] if n["ip"] in {h.ray_ip for h in repair}]
                 for ip in seen["extra"]:
                     progress.note(f"node at {ip} is in the cluster but not in the hostfile (fix: add it, or stop Ray "
                                   f"there: fleetserve down HOSTFILE-WITH-IT)")
@@ -919,10 +920,9 @@ class RayCluster:
                     if stream == "stdout" and line.startswith("JOINED ") and line[7:] in by_ip:
                         progress.ok(by_ip[line[7:]].name, f"joined ({by_ip[line[7:]].slots} GPU slot(s))")
 
-                state = self.head_query(wait_for=[h.ray_ip for h in hosts], timeout=max(0.0, deadline - time.monotonic()),
-                                        on_line=on_line, exclude=old_nodes if repair else None)
-                alive = {n["ip"] for n in state["nodes"] if n["alive"] and (not repair or n["node_id"] not in old_nodes)}
-                alive |= joined
+                state = self.head_query(wait_for=[h.ray_ip for h in to_start],
+                                        timeout=max(0.0, deadline - time.monotonic()), on_line=on_line, exclude=old_nodes)
+                alive = {n["ip"] for n in state["nodes"] if n["alive"] and n["node_id"] not in old_nodes}
                 missing = {h.name: f"did not join within {timeout:g}s (fix: check its Ray logs under "
                            f"{self.ray.temp_dir} and that it reaches {self.address})" for h in hosts if h.ray_ip not in alive}
                 if missing:
