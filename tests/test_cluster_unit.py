@@ -266,3 +266,12 @@ def test_serve_summary_after_a_lost_host() -> None:
     assert row.states == {"RUNNING": 1, "STOPPING": 1, "STARTING": 1}
     assert row.nodes == {"10.0.0.3": 1, "10.0.0.4": 1}
     assert row.running_replicas == 1 and row.autoscaling == "1..3 @2"
+
+
+def test_up_help_shows_the_cluster_section() -> None:
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    out = CliRunner().invoke(app, ["up", "--help"], env={"COLUMNS": "200"}).output
+    assert "optional [cluster] section" in out  # rich markup once ate "[cluster]"

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cluster.errors import FleetserveError
 
-HostfileArg = Annotated[Path, typer.Argument(help="Hostfile (FlagScale format, optional [cluster] section) or cluster YAML.")]
+HostfileArg = Annotated[Path, typer.Argument(help="Hostfile (FlagScale format, optional \\[cluster] section) or cluster YAML.")]
 OptHostfileArg = Annotated[
     Optional[Path], typer.Argument(help="Hostfile; default: the one the last `fleetserve up` used.")
 ]
@@ -29,7 +29,9 @@ def up(
     hostfile: HostfileArg,
     trust_new_host_keys: Annotated[bool, typer.Option(
         "--trust-new-host-keys", help="Accept and record host keys missing from known_hosts (never changed ones).")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for every node to join (default: ray.join_timeout).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds from the first ray start until every node joined; past it, what this run started is rolled "
+             "back (default: ray.join_timeout).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Preflight every host, start Ray (head first, workers in parallel), wait until all joined."""
