@@ -156,13 +156,13 @@ def answers(n):
         return True
     except OSError:
         return False
+from concurrent.futures import ThreadPoolExecutor
 def nodes():
-    out = []
-    for n in ray.nodes():
-        up = bool(n["Alive"]) and answers(n)
-        out.append({"ip": n["NodeManagerAddress"], "alive": up, "gcs_alive": n["Alive"], "node_id": n["NodeID"],
-                    "resources": n.get("Resources", {}), "labels": n.get("Labels", {}) or {}})
-    return out
+    table = ray.nodes()
+    with ThreadPoolExecutor(max_workers=32) as pool:  # cut-off nodes cost 2 s each: ask all at once
+        up = list(pool.map(lambda n: bool(n["Alive"]) and answers(n), table))
+    return [{"ip": n["NodeManagerAddress"], "alive": a, "gcs_alive": n["Alive"], "node_id": n["NodeID"],
+             "resources": n.get("Resources", {}), "labels": n.get("Labels", {}) or {}} for n, a in zip(table, up)]
 exclude = set(args.get("exclude") or [])
 wait_for = set(args.get("wait_for") or [])
 deadline = time.monotonic() + args.get("timeout", 0)
