@@ -205,6 +205,17 @@ class RaySettings(_Strict):
     min_shm_bytes: int = Field(default=1 << 30, ge=0, description="Preflight: /dev/shm must be at least this big.")
     join_timeout: float = Field(default=120.0, gt=0, description="Seconds to wait for every node to join.")
     start_retries: int = Field(default=1, ge=0, le=5, description="Retries of a ray start that timed out registering.")
+    auth: Literal["token", "disabled"] = Field(
+        default="token", description="Ray token authentication on every node; 'disabled' only for clusters that "
+        "cannot use it (anyone who reaches the head can then run code on it).")
+    dashboard_host: str | None = Field(
+        default=None, description="Address the dashboard binds (default: the head's cluster address; "
+        "0.0.0.0 only on purpose).")
+    secrets_dir: str = Field(
+        default="~/.fleetserve", description="Directory on each host for the cluster's Ray token and node "
+        "environment (mode 0700, files 0600).")
+    command_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a short remote command (probe, stop, query) may take.")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> RaySettings:

@@ -22,7 +22,10 @@ GPU hosts. Ray itself still does all the cluster work (``ray start``/``stop``).
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import secrets
 import re
 import shlex
 import threading
@@ -38,7 +41,7 @@ from rich.table import Table
 
 from cluster.errors import FleetserveError
 from cluster.hosts import ClusterConfig, Host, load_hostfile
-from cluster.ssh import CommandResult, SSHError, SSHPool
+from cluster.ssh import CommandResult, CommandTimeout, Redactor, SSHError, SSHPool
 from cluster.statefile import state_file
 
 NODE_LABEL = "fleetserve.io/host"
@@ -117,7 +120,17 @@ for pid in os.listdir("/proc"):
                     raylets.append(int(pid))
         except OSError:
             pass
-out["ray_pids"] = raylets
+starting = args.get("start_pidfile")
+if starting:
+    try:
+        with open(os.path.expanduser(starting)) as fh:
+            pgid = int(fh.read().strip())
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and os.getpgid(int(pid)) == pgid:
+                raylets.append(int(pid))
+    except (OSError, ValueError):
+        pass
+out["ray_pids"] = sorted(set(raylets))
 print(json.dumps(out))
 """
 
@@ -136,15 +149,27 @@ import logging
 import ray
 ray.init(address=args["address"], _node_ip_address=args["node_ip"], logging_level=logging.ERROR,
          log_to_driver=False, namespace="fleetserve-admin")
+def answers(n):
+    # The GCS marks a node dead only after its health checks fail for ~30 s; the
+    # raylet's port says at once whether it is there (refused: gone; timeout: cut off).
+    try:
+        socket.create_connection((n["NodeManagerAddress"], n["NodeManagerPort"]), timeout=2).close()
+        return True
+    except OSError:
+        return False
+from concurrent.futures import ThreadPoolExecutor
 def nodes():
-    return [{"ip": n["NodeManagerAddress"], "alive": n["Alive"], "node_id": n["NodeID"],
-             "resources": n.get("Resources", {}), "labels": n.get("Labels", {}) or {}}
-            for n in ray.nodes()]
+    table = ray.nodes()
+    with ThreadPoolExecutor(max_workers=32) as pool:  # cut-off nodes cost 2 s each: ask all at once
+        up = list(pool.map(lambda n: bool(n["Alive"]) and answers(n), table))
+    return [{"ip": n["NodeManagerAddress"], "alive": a, "gcs_alive": n["Alive"], "node_id": n["NodeID"],
+             "resources": n.get("Resources", {}), "labels": n.get("Labels", {}) or {}} for n, a in zip(table, up)]
+exclude = set(args.get("exclude") or [])
 wait_for = set(args.get("wait_for") or [])
 deadline = time.monotonic() + args.get("timeout", 0)
 seen = set()
 while wait_for:
-    alive = {n["ip"] for n in nodes() if n["alive"]}
+    alive = {n["ip"] for n in nodes() if n["alive"] and n["node_id"] not in exclude}
     for ip in sorted((alive & wait_for) - seen):
         print("JOINED " + ip, flush=True)
         seen.add(ip)
@@ -247,13 +272,39 @@ TRANSIENT_START_ERROR = "The current node timed out during startup"
 class ClusterError(FleetserveError):
     """A cluster operation failed: per-host reasons (and what was rolled back)."""
 
-    def __init__(self, summary: str, problems: dict[str, str] | None = None, rolled_back: list[str] | None = None):
+    def __init__(self, summary: str, problems: dict[str, str] | None = None, rolled_back: list[str] | None = None,
+                 rollback_failed: dict[str, str] | None = None):
         self.summary, self.problems, self.rolled_back = summary, dict(problems or {}), list(rolled_back or [])
+        self._rollback_reported = rolled_back is not None
+        self.rollback_failed = dict(rollback_failed or {})
         lines = [summary]
         lines += [f"  {host}: {why}" for host, why in self.problems.items()]
         if rolled_back is not None:
-            lines.append("  rolled back (Ray stopped again): " + (", ".join(rolled_back) if rolled_back else "nothing was started"))
+            lines.append("  rolled back (no Ray process left, checked on the host): "
+                         + (", ".join(rolled_back) if rolled_back else "nothing" if self.rollback_failed
+                            else "nothing was started"))
+        lines += [f"  ROLLBACK FAILED on {host}: {why}" for host, why in self.rollback_failed.items()]
         super().__init__("\n".join(lines))
+
+    def redacted(self, redact: Callable[[str], str]) -> ClusterError:
+        return ClusterError(redact(self.summary), {h: redact(w) for h, w in self.problems.items()},
+                            self.rolled_back if self._rollback_reported else None,
+                            {h: redact(w) for h, w in self.rollback_failed.items()})
+
+
+def _redacting(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors leaving a RayCluster method carry no hostfile env value (HF_TOKEN=...)."""
+    @functools.wraps(method)
+    def wrapper(self: RayCluster, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except FleetserveError as exc:
+            if self.redact(str(exc)) == str(exc):
+                raise
+            if isinstance(exc, ClusterError):
+                raise exc.redacted(self.redact) from None
+            raise FleetserveError(self.redact(str(exc))) from None
+    return wrapper
 
 
 # ------------------------------------------------------------------------- progress
@@ -262,8 +313,10 @@ class ClusterError(FleetserveError):
 class Progress:
     """Per-host progress: a live rich table on a terminal, ``[host] message`` lines otherwise."""
 
-    def __init__(self, hosts: list[str], console: Console | None = None, title: str = ""):
+    def __init__(self, hosts: list[str], console: Console | None = None, title: str = "",
+                 redact: Callable[[str], str] = lambda text: text):
         self.console = console or Console(stderr=True)
+        self.redact = redact
         self.state: dict[str, tuple[str, str]] = {h: ("…", "waiting") for h in hosts}
         self.title = title
         self._lock = threading.Lock()
@@ -290,6 +343,7 @@ class Progress:
             self._live.__exit__(None, None, None)
 
     def update(self, host: str, message: str, mark: str = "…") -> None:
+        message = self.redact(message)
         with self._lock:
             self.state[host] = (mark, message)
             if self._live is not None:
@@ -304,6 +358,7 @@ class Progress:
         self.update(host, message, "✗")
 
     def note(self, message: str) -> None:
+        message = self.redact(message)
         with self._lock:
             if self._live is not None:
                 self._live.console.print(message, markup=False, highlight=False)
@@ -374,6 +429,14 @@ def node_env(config: ClusterConfig, host: Host, probe: Probe) -> dict[str, str]:
     return env
 
 
+def _left(deadline: float, host: Host) -> float:
+    """Seconds left before ``deadline``; past it, the bring-up has run out of time."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CommandTimeout(host.name, "no time left for this step", "raise --timeout / ray.join_timeout")
+    return left
+
+
 class RayCluster:
     """Bring-up, tear-down, status and exec for the hosts of one hostfile."""
 
@@ -387,6 +450,13 @@ class RayCluster:
                             on_new_key=lambda h, fp: self.console.print(f"[{h}] trusted new host key {fp}",
                                                                         markup=False, highlight=False))
         self.state_dir = state_dir
+        self.redact = Redactor(config.settings.env.values())
+        self._cluster_token = ""
+        if self.ray.auth == "disabled":
+            self.console.print(
+                f"WARNING: Ray token authentication is OFF for cluster {config.settings.name!r} (ray.auth = disabled): "
+                f"anyone who reaches {self.head.ray_ip} can submit jobs and run code there as "
+                f"{config.ssh_user(self.head)!r}", style="bold red", markup=False, highlight=False)
 
     def close(self) -> None:
         self.pool.close()
@@ -416,15 +486,70 @@ class RayCluster:
     def _ray(self) -> str:
         return self.docker.ray if self.docker else self.ray.ray
 
-    def _in_node(self, command: str, env: dict[str, str] | None = None) -> str:
-        """A command run where Ray runs: on the host, or inside the host's container."""
+    def _in_node(self, command: str) -> str:
+        """A command run where Ray runs, with the node's environment (auth token path, env.*).
+
+        Natively the node's env file is sourced first; in docker mode the
+        container already has that environment (``docker run -e``).
+        """
         if self.docker:
-            envs = " ".join(f"-e {shlex.quote(f'{k}={v}')}" for k, v in (env or {}).items())
-            return f"docker exec -i {envs} {self.docker.name} sh -c {shlex.quote(command)}"
-        if env:  # `env` around `sh -c`, so the variables reach every part of a compound command
-            return ("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
-                    + f" sh -c {shlex.quote(command)}")
-        return command
+            return f"docker exec -i {self.docker.name} sh -c {shlex.quote(command)}"
+        env_file = self.secret_path("env")
+        return f"if [ -r {env_file} ]; then . {env_file}; fi; {command}"
+
+    # ---------------------------------------------------------------- secrets
+    def secret_path(self, kind: str) -> str:
+        """Shell word for this cluster's ``token``/``env``/``pid`` file on a host (``~`` expands there)."""
+        base = self.ray.secrets_dir.rstrip("/") or "/"
+        leaf = f"{_label_value(self.config.settings.name)}.{kind}" if kind else ""
+        path = f"{base}/{leaf}" if leaf else base
+        if path == "~" or path.startswith("~/"):
+            return '"$HOME"' + (shlex.quote(path[1:]) if path[1:] else "")
+        return shlex.quote(path)
+
+    @property
+    def token_file(self) -> Path:
+        """This machine's copy of the cluster's Ray token (0600, next to the state file)."""
+        key = _label_value(f"{self.config.settings.name}-{self.head.ray_ip}-{self.ray.port}")
+        return state_file(self.state_dir).parent / "tokens" / f"{key}.token"
+
+    def _token(self, fresh: bool) -> str:
+        """The cluster's token: a new one when this run starts the head, else the one saved when it was."""
+        path = self.token_file
+        if not fresh:
+            try:
+                return path.read_text().strip()
+            except FileNotFoundError:
+                raise ClusterError(
+                    "the cluster runs with a Ray token this machine does not have; nothing was started",
+                    {self.head.name: f"fix: copy it from the head ({self.ray.secrets_dir}/"
+                     f"{_label_value(self.config.settings.name)}.token) to {path} with mode 0600, "
+                     "or fleetserve down, then up"}, rolled_back=[]) from None
+        token = secrets.token_hex(32)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
+        tmp.replace(path)
+        return token
+
+    def _env_file_text(self, env: dict[str, str]) -> str:
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+        if self.ray.auth == "token":
+            lines += ["export RAY_AUTH_MODE=token", f"export RAY_AUTH_TOKEN_PATH={self.secret_path('token')}"]
+        return "\n".join(lines) + "\n"
+
+    def _put_secret(self, host: Host, kind: str, content: str) -> None:
+        """Write one file of the secrets dir on ``host`` with mode 0600, its content over stdin (never argv)."""
+        path, folder = self.secret_path(kind), self.secret_path("")
+        cmd = (f"umask 077 && mkdir -p {folder} && chmod 700 {folder} && cat > {path}.tmp && chmod 600 {path}.tmp "
+               f"&& mv -f {path}.tmp {path}")
+        r = self.pool.run(host, cmd, stdin=content, timeout=self.ray.command_timeout)
+        if not r.ok:
+            raise SSHError(host.name, f"cannot write {self.ray.secrets_dir} ({kind}): {r.tail(3)}",
+                           "check that ray.secrets_dir is writable there")
 
     def docker_run_command(self, host: Host, env: dict[str, str]) -> str:
         """The ``docker run`` that hosts Ray on ``host`` (the seeds' flags; image from config)."""
@@ -438,11 +563,17 @@ class RayCluster:
             args.append("--privileged")
         for volume in d.volumes:
             args += ["-v", volume]
-        for k, v in env.items():
-            args += ["-e", f"{k}={v}"]
+        for k in env:  # names only: docker takes the values from the sourced env file, not argv
+            args += ["-e", k]
+        if self.ray.auth == "token":
+            args += ["-e", "RAY_AUTH_MODE", "-e", "RAY_AUTH_TOKEN_PATH"]
         args += list(d.run_args)
         args += [d.image, "sleep", "infinity"]
-        return " ".join(shlex.quote(a) for a in args)
+        cmd = " ".join(shlex.quote(a) for a in args)
+        if self.ray.auth == "token":
+            cmd = cmd.replace(" -e RAY_AUTH_TOKEN_PATH ",
+                              ' -e RAY_AUTH_TOKEN_PATH -v "$RAY_AUTH_TOKEN_PATH:$RAY_AUTH_TOKEN_PATH:ro" ', 1)
+        return f". {self.secret_path('env')} && {cmd}"
 
     def ray_start_command(self, host: Host) -> str:
         r = self.ray
@@ -456,7 +587,7 @@ class RayCluster:
             args += ["--head", f"--port={r.port}", f"--ray-client-server-port={r.client_server_port}",
                      f"--include-dashboard={'true' if r.dashboard else 'false'}"]
             if r.dashboard:
-                args += ["--dashboard-host=0.0.0.0", f"--dashboard-port={r.dashboard_port}"]
+                args += [f"--dashboard-host={r.dashboard_host or host.ray_ip}", f"--dashboard-port={r.dashboard_port}"]
         else:
             args += [f"--address={self.address}"]
         num_cpus = host.cpus if host.cpus is not None else r.num_cpus
@@ -481,12 +612,13 @@ class RayCluster:
 
     # ---------------------------------------------------------------- probing
     def probe(self, host: Host) -> Probe:
+        pidfile = self.ray.secrets_dir.rstrip("/") + f"/{_label_value(self.config.settings.name)}.pid"
         args = json.dumps({"packages": PACKAGES, "ports": self._ports(host), "head_ip": self.head.ray_ip,
-                           "head_port": self.ray.port})
+                           "head_port": self.ray.port, "start_pidfile": None if self.docker else pidfile})
         if self.docker:
             d = self.docker
             running = self.pool.run(host, f"docker inspect -f '{{{{.State.Running}}}}' {shlex.quote(d.name)} 2>/dev/null || true",
-                                    timeout=60)
+                                    timeout=self.ray.command_timeout)
             if running.stdout.strip() == "true":
                 cmd = f"docker exec -i {shlex.quote(d.name)} {shlex.quote(d.python)} - {shlex.quote(args)}"
             else:
@@ -495,7 +627,7 @@ class RayCluster:
                        f"{shlex.quote(d.image)} - {shlex.quote(args)}")
         else:
             cmd = f"{shlex.quote(self.ray.python)} - {shlex.quote(args)}"
-        result = self.pool.run(host, cmd, stdin=PROBE_SCRIPT, timeout=300)
+        result = self.pool.run(host, cmd, stdin=PROBE_SCRIPT, timeout=self.ray.command_timeout)
         if not result.ok:
             raise SSHError(host.name, f"probe failed (exit {result.exit_status}): {result.tail(5)}",
                            f"check that {self._python()!r} runs on the host (ray.python / docker.python)")
@@ -508,12 +640,18 @@ class RayCluster:
         return probe
 
     def head_query(self, wait_for: list[str] | None = None, timeout: float = 0.0, serve: bool = False,
-                   on_line: Callable[[str, str], None] | None = None) -> dict[str, Any]:
-        """Ask Ray on the head about the cluster (and optionally wait for node IPs to join)."""
+                   on_line: Callable[[str, str], None] | None = None,
+                   exclude: list[str] | None = None) -> dict[str, Any]:
+        """Ask Ray on the head about the cluster (and optionally wait for node IPs to join).
+
+        A node is ``alive`` only when the GCS says so and its raylet's port answers;
+        ``exclude`` lists node ids that do not count as joined (a host's old node).
+        """
         args = json.dumps({"address": self.address, "node_ip": self.head.ray_ip, "wait_for": wait_for or [],
-                           "timeout": timeout, "serve": serve})
+                           "timeout": timeout, "serve": serve, "exclude": exclude or []})
         cmd = self._in_node(f"{shlex.quote(self._python())} - {shlex.quote(args)}")
-        result = self.pool.run(self.head, cmd, stdin=HEAD_SCRIPT, timeout=timeout + 120, on_line=on_line)
+        result = self.pool.run(self.head, cmd, stdin=HEAD_SCRIPT, timeout=timeout + self.ray.command_timeout,
+                               on_line=on_line)
         for line in result.stdout.splitlines():
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT "):])
@@ -571,19 +709,30 @@ class RayCluster:
                             f"({p.raw.get('route_error', 'no route')}; fix: check routing/firewall)")
         return {h: "; ".join(v) for h, v in problems.items() if v}
 
-    def _start(self, host: Host, probe: Probe, progress: Progress) -> None:
+    def _start(self, host: Host, probe: Probe, progress: Progress, deadline: float) -> None:
+        """Write the host's token and env file (0600), then ``ray start`` there, within ``deadline``."""
         env = node_env(self.config, host, probe)
+        if self.ray.auth == "token":
+            self._put_secret(host, "token", self._cluster_token)
+        self._put_secret(host, "env", self._env_file_text(env))
         if self.docker:
             progress.update(host.name, f"starting container {self.docker.name} ({self.docker.image})")
             r = self.pool.run(host, f"docker rm -f {shlex.quote(self.docker.name)} >/dev/null 2>&1; "
-                              + self.docker_run_command(host, env), timeout=600)
+                              + self.docker_run_command(host, env), timeout=_left(deadline, host))
             if not r.ok:
                 raise SSHError(host.name, f"docker run failed: {r.tail(5)}", "check docker.image and that the daemon runs")
         progress.update(host.name, f"ray start ({'head' if host is self.head else 'worker'}, "
                         f"{host.slots} GPU slot(s), iface {env.get('NCCL_SOCKET_IFNAME', '?')})")
-        cmd = self._in_node(f"mkdir -p {shlex.quote(self.ray.temp_dir)} && {self.ray_start_command(host)}", env=env)
+        start = f"mkdir -p {shlex.quote(self.ray.temp_dir)} && {self.ray_start_command(host)}"
+        if self.docker:
+            cmd = self._in_node(start)
+        else:
+            # Its own session, its id in the pid file: a `ray start` that never returns
+            # (a host cut off from the head) can be found and ended by stop_host.
+            inner = f"echo $$ > {self.secret_path('pid')} && . {self.secret_path('env')} && exec sh -c {shlex.quote(start)}"
+            cmd = f"setsid -w sh -c {shlex.quote(inner)}"
         for attempt in range(1 + self.ray.start_retries):
-            r = self.pool.run(host, cmd, timeout=300)
+            r = self.pool.run(host, cmd, timeout=_left(deadline, host))
             # Ray gives a new node a fixed 30 s to register with the GCS; an overloaded host
             # or GCS misses that, and a clean retry is what Ray's own message suggests.
             if r.ok or TRANSIENT_START_ERROR not in r.stderr + r.stdout or attempt == self.ray.start_retries:
@@ -597,32 +746,83 @@ class RayCluster:
                            f"see the Ray logs on that host under {self.ray.temp_dir}")
 
     def stop_host(self, host: Host) -> CommandResult:
-        """Stop Ray on one host (and remove its container in docker mode)."""
+        """Stop Ray on one host and check by looking that none of it is left; ok only then.
+
+        Ends, in order: what is left of a `ray start` of this cluster (its session,
+        from the pid file: it may never have returned), Ray's daemons (``ray stop
+        --force``), then waits until no raylet/gcs_server runs there.
+        """
         if self.docker:
             name = shlex.quote(self.docker.name)
             return self.pool.run(host, f"docker exec {name} {shlex.quote(self._ray())} stop --force >/dev/null 2>&1; "
-                                 f"docker rm -f {name}", timeout=120)
-        return self.pool.run(host, f"{shlex.quote(self._ray())} stop --force", timeout=120)
+                                 f"docker rm -f {name} >/dev/null 2>&1; "
+                                 f"if docker inspect {name} >/dev/null 2>&1; then echo 'LEFT container {name}'; exit 1; fi",
+                                 timeout=self.ray.command_timeout)
+        pidfile = self.secret_path("pid")
+        session_left = ('for p in $(pgrep -s "$sid" 2>/dev/null); do case "$(tr "\\0" " " < /proc/$p/cmdline 2>/dev/null)" '
+                        'in *ray*) echo $p;; esac; done')
+        script = (
+            f'sid=; if [ -r {pidfile} ]; then sid=$(cat {pidfile}); fi; '
+            f'if [ -n "$sid" ]; then for p in $({session_left}); do kill -KILL $p 2>/dev/null; done; fi; '
+            f"{shlex.quote(self._ray())} stop --force >/dev/null 2>&1; "
+            f"n=0; while :; do left=$(pgrep -x 'raylet|gcs_server'; [ -n \"$sid\" ] && {session_left}); "
+            f'[ -z "$left" ] && break; n=$((n+1)); [ $n -gt {max(2, int(self.ray.command_timeout))} ] && break; '
+            f'for p in $left; do kill -KILL $p 2>/dev/null; done; sleep 0.5; done; '
+            f'if [ -n "$left" ]; then echo LEFT $(for p in $left; do cat /proc/$p/comm 2>/dev/null; done); exit 1; fi; '
+            f"rm -f {pidfile}"
+        )
+        return self.pool.run(host, script, timeout=self.ray.command_timeout + 30)
 
-    def _rollback(self, started: list[Host], progress: Progress) -> list[str]:
+    def _rollback(self, started: list[Host], progress: Progress) -> tuple[list[str], dict[str, str]]:
+        """Stop Ray where this run started it; (hosts verified clean, hosts where that failed and why)."""
         # Workers first, then the head, so no worker re-joins a dying head.
         workers = [h for h in started if h is not self.head]
         out = self.pool.map(workers, self.stop_host)
         if self.head in started:
             out.update(self.pool.map([self.head], self.stop_host))
+        done, failed = [], {}
         for name, r in out.items():
             if isinstance(r, BaseException) or not r.ok:
-                progress.fail(name, f"rollback: could not stop Ray: {r if isinstance(r, BaseException) else r.tail(3)}")
+                why = str(r).split(": ", 1)[-1] if isinstance(r, BaseException) else (r.tail(3) or f"exit {r.exit_status}")
+                failed[name] = why.splitlines()[0] if why else "unknown"
+                progress.fail(name, f"rollback failed: {failed[name]}")
             else:
-                progress.update(name, "rolled back (Ray stopped)", "↺")
-        return [h.name for h in started]
+                done.append(name)
+                progress.update(name, "rolled back (no Ray process left)", "↺")
+        return done, failed
 
+    def _classify(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+        """Ray's node table against the hostfile: per-host state, and the nodes that should not be there.
+
+        ``alive``: exactly one answering node at the host's address; ``duplicate``:
+        more than one (two raylets of this cluster on one host); ``dead``: known to
+        Ray but none answers; ``missing``: never joined. ``extra``: alive nodes at
+        addresses the hostfile does not list.
+        """
+        by_ip: dict[str, list[dict[str, Any]]] = {}
+        for n in nodes:
+            by_ip.setdefault(n["ip"], []).append(n)
+        hosts: dict[str, str] = {}
+        for h in self.config.hosts:
+            here = by_ip.get(h.ray_ip, [])
+            alive = [n for n in here if n["alive"]]
+            hosts[h.name] = ("alive" if len(alive) == 1 else "duplicate" if alive else "dead" if here else "missing")
+        known = {h.ray_ip for h in self.config.hosts}
+        extra = sorted({n["ip"] for n in nodes if n["alive"] and n["ip"] not in known})
+        return {"hosts": hosts, "extra": extra}
+
+    @_redacting
     def up(self, join_timeout: float | None = None) -> dict[str, Any]:
-        """Bring the cluster up (idempotent). Returns a summary; raises ClusterError on failure."""
+        """Bring the cluster up (idempotent, repairing). Returns a summary; raises ClusterError on failure.
+
+        ``join_timeout`` bounds everything from the first ``ray start`` to the last
+        node joining; when it passes, what this run started is rolled back.
+        """
         hosts = list(self.config.hosts)
         timeout = join_timeout if join_timeout is not None else self.ray.join_timeout
         t0 = time.monotonic()
-        with Progress([h.name for h in hosts], self.console, title=f"fleetserve up {self.config.source}") as progress:
+        with Progress([h.name for h in hosts], self.console, title=f"fleetserve up {self.config.source}",
+                      redact=self.redact) as progress:
             for h in hosts:
                 progress.update(h.name, "connecting")
             errors = self.pool.connect_all(hosts)
@@ -641,21 +841,42 @@ class RayCluster:
                 raise ClusterError("preflight could not run on every host; nothing was started", failed, rolled_back=[])
             probes: dict[str, Probe] = {n: p for n, p in probed.items()}  # type: ignore[misc]
 
-            # Which hosts are already nodes of this cluster (idempotent re-run / added host)?
+            # Which hosts are already nodes of this cluster (idempotent re-run / added host),
+            # and which carry a node that is dead or doubled (repaired: Ray stopped, then started)?
             joined: set[str] = set()
+            repair: list[Host] = []
+            old_nodes: list[str] = []
             head_probe = probes[self.head.name]
             head_running = bool(head_probe.ray_pids) and (not self.docker or head_probe.raw.get("container_running"))
             if head_running:
                 try:
                     state = self.head_query()
-                    joined = {n["ip"] for n in state["nodes"] if n["alive"]}
                 except SSHError as exc:
                     progress.fail(self.head.name, "Ray runs but does not answer")
                     raise ClusterError("Ray runs on the head but is not usable; nothing was started",
                                        {self.head.name: exc.reason + " (fix: fleetserve down, then up)"}, rolled_back=[]) from None
+                seen = self._classify(state["nodes"])
+                joined = {h.ray_ip for h in hosts if seen["hosts"][h.name] == "alive"}
+                repair = [h for h in hosts if h is not self.head and seen["hosts"][h.name] in ("dead", "duplicate")]
+                # a repaired host's old nodes must not count as its new one having joined
+                old_nodes = [n["node_id"] for n in state["nodes"] if n["ip"] in {h.ray_ip for h in repair}]
+                for ip in seen["extra"]:
+                    progress.note(f"node at {ip} is in the cluster but not in the hostfile (fix: add it, or stop Ray "
+                                  f"there: fleetserve down HOSTFILE-WITH-IT)")
             if head_running and self.head.ray_ip not in joined:
                 raise ClusterError("Ray runs on the head but the head node is not alive in it; nothing was started",
                                    {self.head.name: "fix: fleetserve down, then up"}, rolled_back=[])
+            self._cluster_token = self._token(fresh=not head_running) if self.ray.auth == "token" else ""
+            if repair:
+                for h in repair:
+                    progress.update(h.name, f"{seen['hosts'][h.name]} node: stopping Ray there to start it clean")
+                stopped = self.pool.map(repair, self.stop_host)
+                bad = {n: (str(r) if isinstance(r, BaseException) else r.tail(3)) for n, r in stopped.items()
+                       if isinstance(r, BaseException) or not r.ok}
+                if bad:
+                    raise ClusterError("cannot stop the dead or doubled Ray nodes; nothing was started", bad, rolled_back=[])
+                probes.update({n: p for n, p in self.pool.map(repair, self.probe).items()
+                               if not isinstance(p, BaseException)})
             to_start = [h for h in hosts if h.ray_ip not in joined]
             problems = self.preflight(probes, to_start)
             for h in hosts:
@@ -673,12 +894,13 @@ class RayCluster:
                 return result
 
             started: list[Host] = []
+            deadline = time.monotonic() + timeout
             try:
                 # A host counts as started as soon as `ray start` was attempted there: a failed
                 # start can leave some of Ray's daemons behind, and preflight proved none ran before.
                 if self.head in to_start:
                     started.append(self.head)
-                    self._start(self.head, probes[self.head.name], progress)
+                    self._start(self.head, probes[self.head.name], progress, deadline)
                     progress.update(self.head.name, "head started; waiting for it to register")
                 workers = [h for h in to_start if h is not self.head]
                 lock = threading.Lock()
@@ -686,7 +908,7 @@ class RayCluster:
                 def start_worker(h: Host) -> None:
                     with lock:
                         started.append(h)
-                    self._start(h, probes[h.name], progress)
+                    self._start(h, probes[h.name], progress, deadline)
                     progress.update(h.name, "joining")
 
                 results = self.pool.map(workers, start_worker)
@@ -699,8 +921,9 @@ class RayCluster:
                     if stream == "stdout" and line.startswith("JOINED ") and line[7:] in by_ip:
                         progress.ok(by_ip[line[7:]].name, f"joined ({by_ip[line[7:]].slots} GPU slot(s))")
 
-                state = self.head_query(wait_for=[h.ray_ip for h in hosts], timeout=timeout, on_line=on_line)
-                alive = {n["ip"] for n in state["nodes"] if n["alive"]}
+                state = self.head_query(wait_for=[h.ray_ip for h in to_start],
+                                        timeout=max(0.0, deadline - time.monotonic()), on_line=on_line, exclude=old_nodes)
+                alive = {n["ip"] for n in state["nodes"] if n["alive"] and n["node_id"] not in old_nodes}
                 missing = {h.name: f"did not join within {timeout:g}s (fix: check its Ray logs under "
                            f"{self.ray.temp_dir} and that it reaches {self.address})" for h in hosts if h.ray_ip not in alive}
                 if missing:
@@ -710,11 +933,14 @@ class RayCluster:
                     {exc.host: exc.reason + (f" (fix: {exc.fix})" if exc.fix else "")} if isinstance(exc, SSHError)
                     else {"fleetserve": repr(exc)})
                 summary = exc.summary if isinstance(exc, ClusterError) else "bring-up failed"
+                if isinstance(exc, CommandTimeout) or time.monotonic() > deadline:
+                    summary = f"bring-up did not finish within {timeout:g}s (--timeout / ray.join_timeout)"
                 for name, why in problems.items():
                     if name in progress.state:
                         progress.fail(name, why.splitlines()[0])
-                rolled = self._rollback(started, progress)
-                raise ClusterError(summary + "; rolled back what this run started", problems, rolled_back=rolled) from None
+                done, rollback_failed = self._rollback(started, progress)
+                raise ClusterError(summary + "; rolled back what this run started", problems, rolled_back=done,
+                                   rollback_failed=rollback_failed) from None
             self._save_state()
             return self._summary(probes, started=[h.name for h in started], seconds=time.monotonic() - t0,
                                  nodes=state["nodes"])
@@ -731,10 +957,12 @@ class RayCluster:
         }
 
     # ------------------------------------------------------------ down/status
+    @_redacting
     def down(self) -> dict[str, str]:
         """Stop Ray on every host (workers first). Returns per-host outcome; unreachable hosts are reported."""
         out: dict[str, str] = {}
-        with Progress([h.name for h in self.config.hosts], self.console, title="fleetserve down") as progress:
+        with Progress([h.name for h in self.config.hosts], self.console, title="fleetserve down",
+                      redact=self.redact) as progress:
             errors = self.pool.connect_all()
             reachable = [h for h in self.config.hosts if errors.get(h.name) is None]
             for name, err in errors.items():
@@ -746,17 +974,23 @@ class RayCluster:
                 results.update(self.pool.map([self.head], self.stop_host))
             for name, r in results.items():
                 if isinstance(r, BaseException) or not r.ok:
-                    out[name] = f"failed: {r if isinstance(r, BaseException) else r.tail(3)}"
+                    out[name] = self.redact(f"failed: {r if isinstance(r, BaseException) else r.tail(3)}")
                     progress.fail(name, out[name])
                 else:
                     out[name] = "stopped"
                     progress.ok(name, "Ray stopped")
         return out
 
+    @_redacting
     def status(self) -> dict[str, Any]:
-        """Nodes (alive, GPUs, CPUs), hosts of the hostfile missing from Ray, Serve apps, dashboard URL."""
+        """Ray's node table against the hostfile: per-host state, extra nodes, Serve apps, dashboard URL.
+
+        A node counts as alive only if its raylet answers now (not after the GCS's
+        health-check timeout), so ``status`` and ``up`` agree on a dead node at once.
+        """
         state = self.head_query(serve=True)
         by_ip = {h.ray_ip: h for h in self.config.hosts}
+        seen = self._classify(state["nodes"])
         latest: dict[str, dict[str, Any]] = {}
         for n in state["nodes"]:  # a restarted host appears twice (dead + alive): keep the alive one
             if n["ip"] not in latest or n["alive"]:
@@ -764,16 +998,24 @@ class RayCluster:
         nodes = []
         for ip, n in sorted(latest.items()):
             h = by_ip.get(ip)
+            count = sum(1 for m in state["nodes"] if m["ip"] == ip and m["alive"])
             nodes.append({"host": h.name if h else ip, "ip": ip, "alive": n["alive"], "head": h is self.head,
+                          "state": seen["hosts"][h.name] if h else ("extra" if n["alive"] else "dead"),
+                          "alive_nodes": count,
                           "gpus": n["resources"].get("GPU", 0), "cpus": n["resources"].get("CPU", 0),
                           "slots": h.slots if h else None, "node_id": n["node_id"]})
-        missing = [h.name for h in self.config.hosts if h.ray_ip not in latest or not latest[h.ray_ip]["alive"]]
-        return {"address": self.address, "dashboard": self.dashboard_url, "nodes": nodes, "missing": missing,
-                "healthy": not missing, "gpus_total": sum(n["gpus"] for n in nodes if n["alive"]),
+        missing = [h.name for h in self.config.hosts if seen["hosts"][h.name] == "missing"]
+        dead = [h.name for h in self.config.hosts if seen["hosts"][h.name] == "dead"]
+        duplicate = [h.name for h in self.config.hosts if seen["hosts"][h.name] == "duplicate"]
+        return {"address": self.address, "dashboard": self.dashboard_url, "auth": self.ray.auth,
+                "nodes": nodes, "missing": missing, "dead": dead, "duplicate": duplicate, "extra": seen["extra"],
+                "healthy": not (missing or dead or duplicate or seen["extra"]),
+                "gpus_total": sum(n["resources"].get("GPU", 0) for n in state["nodes"] if n["alive"]),
                 "serve": state.get("serve") or {}, "serve_error": state.get("serve_error"),
                 "serve_summary": state.get("serve_summary") or [],
                 "serve_summary_error": state.get("serve_summary_error")}
 
+    @_redacting
     def drain(self, name: str, timeout: float = 600.0, force: bool = False) -> dict[str, Any]:
         """Take one worker host out of service without failing requests in flight.
 
@@ -799,7 +1041,8 @@ class RayCluster:
                     progress.update(host.name, "replicas here: " + line[len("REPLICAS "):])
 
             cmd = self._in_node(f"{shlex.quote(self._python())} - {shlex.quote(args)}")
-            r = self.pool.run(self.head, cmd, stdin=DRAIN_SCRIPT, timeout=timeout + 120, on_line=on_line)
+            r = self.pool.run(self.head, cmd, stdin=DRAIN_SCRIPT, timeout=timeout + self.ray.command_timeout,
+                              on_line=on_line)
             found = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
             if not found:
                 progress.fail(host.name, "drain did not finish")
@@ -822,8 +1065,9 @@ class RayCluster:
              hosts: list[Host] | None = None, in_container: bool = True) -> dict[str, int | str]:
         """Run ``command`` on every host in parallel; each output line goes to ``on_line(host, stream, line)``."""
         def run(h: Host) -> int:
-            cmd = self._in_node(command) if (self.docker and in_container) else command
-            r = self.pool.run(h, cmd, timeout=3600, on_line=lambda s, line: on_line(h.name, s, line))
+            # With the node's environment natively too, so `ray status` etc. there present the token.
+            cmd = self._in_node(command) if (in_container or not self.docker) else command
+            r = self.pool.run(h, cmd, timeout=3600, on_line=lambda s, line: on_line(h.name, s, self.redact(line)))
             return r.exit_status
 
         results = self.pool.map(hosts or list(self.config.hosts), run)

@@ -57,6 +57,10 @@ class UnreachableError(SSHError):
     pass
 
 
+class CommandTimeout(SSHError):
+    """A remote command passed its deadline; the channel was closed, the process may still run there."""
+
+
 def fingerprint(key: paramiko.PKey) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
@@ -105,6 +109,26 @@ class CommandResult:
         return "\n".join(text[-n:])
 
 
+class Redactor:
+    """Replaces secret values (the hostfile's ``env.*`` values) in any text meant for people.
+
+    Every value is treated as secret: the hostfile does not say which ones are
+    (HF_TOKEN, WANDB_API_KEY, ...), and showing ``NCCL_DEBUG=***`` costs nothing.
+    Values shorter than 4 characters are left alone: redacting ``1`` or ``on``
+    would mangle every message and protect nothing.
+    """
+
+    MASK = "***"
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, self.MASK)
+        return text
+
+
 def env_prefix(env: Mapping[str, str]) -> str:
     """``env K=V ...`` prefix: sshd's AcceptEnv usually drops client-sent variables."""
     if not env:
@@ -125,6 +149,7 @@ class SSHPool:
         self._clients: dict[str, paramiko.SSHClient] = {}
         self._lock = threading.Lock()
         self._host_keys = paramiko.HostKeys()
+        self.redact = Redactor(config.settings.env.values())
         if self.known_hosts_path.exists():
             try:
                 self._host_keys.load(str(self.known_hosts_path))
@@ -254,8 +279,8 @@ class SSHPool:
                 break
             elif time.monotonic() > deadline:
                 chan.close()
-                raise SSHError(host.name, f"command timed out after {timeout:g}s: {command[:200]}",
-                               "check the host's load, or raise the timeout")
+                raise CommandTimeout(host.name, f"command timed out after {timeout:g}s: {self.redact(command[:200])}",
+                                     "check the host's load and its route to the head, or raise the timeout")
             else:
                 time.sleep(0.02)
         for stream in ("stdout", "stderr"):

@@ -273,7 +273,9 @@ def test_tp2_pp2_placement_one_stage_per_node(cluster3, state_dir: Path) -> None
     config = load_hostfile(hf)
     with RayCluster(config) as rc:
         args = json.dumps({"address": rc.address, "node_ip": rc.head.ray_ip})
-        res = rc.pool.run(rc.head, f"{config.settings.ray.python} - '{args}'", stdin=PLACEMENT_PROBE, timeout=600)
+        # _in_node: with the node's env file, so the probe's ray.init presents the cluster's token
+        res = rc.pool.run(rc.head, rc._in_node(f"{config.settings.ray.python} - '{args}'"), stdin=PLACEMENT_PROBE,
+                          timeout=600)
         assert res.ok, res.stderr[-3000:]
         report = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:])
         status = rc.status()

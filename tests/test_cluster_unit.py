@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
 
 import pytest
 
 from cluster.hosts import parse_hostfile_text
 from cluster.errors import ConfigError
-from cluster.raycluster import ClusterError, Probe, RayCluster, node_env, parse_size
+from cluster.raycluster import ClusterError, Probe, Progress, RayCluster, node_env, parse_size
 from cluster.serving.placement import PlacementError, check_stage_locality, replica_placement, worker_layout
 from cluster.ssh import known_hosts_name
 
@@ -95,7 +96,7 @@ def test_ray_start_head_and_worker() -> None:
     h = shlex.split(rc.ray_start_command(head))
     assert h[:2] == ["ray", "start"] and "--head" in h and "--port=6379" in h
     assert "--node-ip-address=10.0.0.1" in h and "--num-gpus=8" in h and "--num-cpus=16" in h
-    assert "--temp-dir=/run/ray" in h and "--dashboard-host=0.0.0.0" in h
+    assert "--temp-dir=/run/ray" in h and "--dashboard-host=10.0.0.1" in h  # the cluster address, not 0.0.0.0
     assert '--resources={"accelerator_type:H100": 1}' in h
     w = shlex.split(rc.ray_start_command(worker))
     assert "--address=10.0.0.1:6379" in w and "--node-ip-address=192.168.0.2" in w and "--num-gpus=4" in w
@@ -142,9 +143,11 @@ def test_docker_mode_commands() -> None:
     for flag in ("--net=host", "--ipc=host", "--gpus=all", "--shm-size=32g"):
         assert flag in run
     assert run[run.index("--name") + 1] == "flagos" and run[-3:] == ["reg/img:tag", "sleep", "infinity"]
-    assert "NCCL_SOCKET_IFNAME=eth0" in run and "/nfs:/nfs" in run
-    inner = rc._in_node("ray status", env={"A": "1"})
-    assert inner.startswith("docker exec -i -e A=1 flagos sh -c ")
+    # env values come from the sourced env file (0600), never from argv; the token file is mounted read-only
+    assert run[:2] == [".", "$HOME/.fleetserve/fleetserve.env"] and run[2] == "&&"
+    assert "NCCL_SOCKET_IFNAME" in run and "NCCL_SOCKET_IFNAME=eth0" not in run and "/nfs:/nfs" in run
+    assert "$RAY_AUTH_TOKEN_PATH:$RAY_AUTH_TOKEN_PATH:ro" in run
+    assert rc._in_node("ray status") == "docker exec -i flagos sh -c 'ray status'"
 
 
 def test_preflight_passes_on_matching_hosts() -> None:
@@ -188,10 +191,60 @@ def test_sizes_and_known_hosts_names() -> None:
     assert known_hosts_name("10.0.0.1", 22) == "10.0.0.1" and known_hosts_name("h", 2222) == "[h]:2222"
 
 
-def test_node_env_applies_to_the_whole_start_command() -> None:
+def test_node_env_file_quotes_values_and_carries_the_token_path() -> None:
+    rc = cluster("10.0.0.1 slots=1\n[cluster]\nenv.HF_TOKEN = hf_abc 'x'\n")
+    text = rc._env_file_text({"HF_TOKEN": "hf_abc 'x'"})
+    out = subprocess.run(["sh", "-c", text + 'printf "%s|%s|%s" "$HF_TOKEN" "$RAY_AUTH_MODE" "$RAY_AUTH_TOKEN_PATH"'],
+                         capture_output=True, text=True, env={"HOME": "/h"})
+    assert out.stdout == "hf_abc 'x'|token|/h/.fleetserve/fleetserve.token"
+    assert rc._in_node("ray status").endswith("; ray status")  # sources the env file first
+
+
+def test_secrets_are_redacted_in_errors_and_progress() -> None:
+    rc = cluster("10.0.0.1 slots=1\n[cluster]\nenv.HF_TOKEN = hf_secretvalue\nenv.X = 1\n")
+    err = ClusterError("x", {"10.0.0.1": "timed out: env HF_TOKEN=hf_secretvalue X=1 ray start"}, rolled_back=[])
+    out = str(err.redacted(rc.redact))
+    assert "hf_secretvalue" not in out and "HF_TOKEN=***" in out and "X=1" in out
+    assert "rolled back" in out
+    lines = []
+    progress = Progress(["h"], console=None, redact=rc.redact)
+    progress.console.print = lambda msg, **kw: lines.append(msg)  # type: ignore[method-assign]
+    progress.update("h", "ray start failed: HF_TOKEN=hf_secretvalue")
+    assert lines == ["[h] ray start failed: HF_TOKEN=***"]
+
+
+def test_rollback_failure_is_not_reported_as_rolled_back() -> None:
+    err = ClusterError("ray start failed; rolled back", {"h2": "cut off"}, rolled_back=["h1"],
+                       rollback_failed={"h2": "LEFT raylet"})
+    assert "rolled back (no Ray process left, checked on the host): h1" in str(err)
+    assert "ROLLBACK FAILED on h2: LEFT raylet" in str(err)
+
+
+def test_auth_is_on_by_default_and_loud_when_off(tmp_path, capsys) -> None:
     rc = cluster()
-    cmd = rc._in_node("mkdir -p /x && ray start", env={"A": "1 2"})
-    assert shlex.split(cmd) == ["env", "A=1 2", "sh", "-c", "mkdir -p /x && ray start"]
+    assert rc.ray.auth == "token"
+    rc = RayCluster(parse_hostfile_text("10.0.0.1 slots=1\n[cluster]\nray.auth = disabled\n", "hf"),
+                    state_dir=tmp_path)
+    assert "WARNING: Ray token authentication is OFF" in capsys.readouterr().err
+
+
+def test_token_file_is_private_and_made_once_per_cluster(tmp_path) -> None:
+    rc = RayCluster(parse_hostfile_text("10.0.0.1 slots=1\n", "hf"), state_dir=tmp_path)
+    token = rc._token(fresh=True)
+    assert rc.token_file.parent.parent == tmp_path and (rc.token_file.stat().st_mode & 0o777) == 0o600
+    assert rc._token(fresh=False) == token and len(token) == 64
+    assert rc._token(fresh=True) != token  # a new cluster (head started again) gets a new one
+
+
+def test_classify_finds_dead_duplicate_missing_and_extra() -> None:
+    rc = cluster()
+    nodes = [{"ip": "10.0.0.1", "alive": True, "node_id": "a"},
+             {"ip": "192.168.0.2", "alive": True, "node_id": "b"}, {"ip": "192.168.0.2", "alive": True, "node_id": "c"},
+             {"ip": "10.9.9.9", "alive": True, "node_id": "d"}]
+    assert rc._classify(nodes) == {"hosts": {"10.0.0.1": "alive", "10.0.0.2": "duplicate"}, "extra": ["10.9.9.9"]}
+    nodes = [{"ip": "10.0.0.1", "alive": True, "node_id": "a"}, {"ip": "192.168.0.2", "alive": False, "node_id": "b"}]
+    assert rc._classify(nodes)["hosts"]["10.0.0.2"] == "dead"
+    assert rc._classify(nodes[:1])["hosts"]["10.0.0.2"] == "missing"
 
 
 def test_serve_summary_after_a_lost_host() -> None:
@@ -211,3 +264,12 @@ def test_serve_summary_after_a_lost_host() -> None:
     assert row.states == {"RUNNING": 1, "STOPPING": 1, "STARTING": 1}
     assert row.nodes == {"10.0.0.3": 1, "10.0.0.4": 1}
     assert row.running_replicas == 1 and row.autoscaling == "1..3 @2"
+
+
+def test_up_help_shows_the_cluster_section() -> None:
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    out = CliRunner().invoke(app, ["up", "--help"], env={"COLUMNS": "200"}).output
+    assert "optional [cluster] section" in out  # rich markup once ate "[cluster]"

@@ -157,6 +157,10 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
                                  host_keys=small_head)
     r = cli("up", str(hf12), state=state)
     assert r.returncode == 0, r.stdout + r.stderr
+    # The operator's side of token auth: `serve deploy` and the dashboard reads present the cluster's token.
+    r = cli("token", str(hf12), "--path", state=state)
+    assert r.returncode == 0, r.stderr
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": r.stdout.strip()})
     args = tiny_args(tiny_qwen2(), MODEL, replica_cpus=1.0, cpus_per_worker=1.0, replicas={
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.2,
                         "upscale_delay_s": 2, "downscale_delay_s": 20},

@@ -29,7 +29,9 @@ def up(
     hostfile: HostfileArg,
     trust_new_host_keys: Annotated[bool, typer.Option(
         "--trust-new-host-keys", help="Accept and record host keys missing from known_hosts (never changed ones).")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for every node to join (default: ray.join_timeout).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds from the first ray start until every node joined; past it, what this run started is rolled "
+             "back (default: ray.join_timeout).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Preflight every host, start Ray (head first, workers in parallel), wait until all joined."""
@@ -52,6 +54,41 @@ def up(
     out.print(f"cluster up at {summary['address']} ({verb}, {summary['seconds']:.1f}s)", highlight=False)
     if summary["dashboard"]:
         out.print(f"dashboard: {summary['dashboard']}", highlight=False)
+    if config.settings.ray.auth == "token":
+        out.print("Ray token authentication is on; for serve deploy/run, the dashboard and ray CLIs: "
+                  "eval \"$(fleetserve token)\"", highlight=False)
+
+
+def token(
+    hostfile: OptHostfileArg = None,
+    path: Annotated[bool, typer.Option("--path", help="Print only the token file's path.")] = False,
+) -> None:
+    """Print how to use the cluster's Ray token: an export line (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH).
+
+    The token itself is never printed: Ray's clients (serve deploy, ray job submit,
+    ray.init) read it from the file; a browser gets it from `cat` of that file.
+    """
+    import shlex
+
+    from cluster.raycluster import RayCluster, resolve_hostfile
+
+    try:
+        config = resolve_hostfile(hostfile)
+        with RayCluster(config) as rc:
+            token_file = rc.token_file
+        if config.settings.ray.auth != "token":
+            raise FleetserveError(f"cluster {config.settings.name!r} runs without Ray token authentication "
+                                  "(ray.auth = disabled)")
+        if not token_file.exists():
+            raise FleetserveError(f"no token for this cluster at {token_file}\n  fix: fleetserve up first, or copy "
+                                  "the head's token file there with mode 0600")
+    except FleetserveError as exc:
+        _fail(exc)
+        return
+    if path:
+        print(token_file)
+    else:
+        print(f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={shlex.quote(str(token_file))}")
 
 
 def down(hostfile: OptHostfileArg = None) -> None:
@@ -94,13 +131,20 @@ def status(
         table = Table(title=f"Ray cluster {st['address']}")
         for col in ("host", "ip", "role", "state", "GPUs", "CPUs"):
             table.add_column(col)
+        colors = {"alive": "green", "dead": "red", "duplicate": "red", "extra": "red"}
         for n in st["nodes"]:
             gpus = f"{n['gpus']:g}" + (f" / slots {n['slots']}" if n["slots"] is not None else "")
+            state = n["state"] + (f" ({n['alive_nodes']} nodes)" if n["state"] == "duplicate" else "")
             table.add_row(n["host"], n["ip"], "head" if n["head"] else "worker",
-                          "[green]alive[/]" if n["alive"] else "[red]dead[/]", gpus, f"{n['cpus']:g}")
+                          f"[{colors.get(n['state'], 'red')}]{state}[/]", gpus, f"{n['cpus']:g}")
         out.print(table)
-        health = "[green]healthy[/]" if st["healthy"] else f"[red]unhealthy[/]: not alive: {', '.join(st['missing'])}"
-        out.print(f"health: {health}; GPUs: {st['gpus_total']:g}")
+        why = [f"{label}: {', '.join(st[key])}" for key, label in
+               (("missing", "never joined"), ("dead", "dead"), ("duplicate", "two or more raylets"),
+                ("extra", "not in the hostfile")) if st[key]]
+        health = "[green]healthy[/]" if st["healthy"] else "[red]unhealthy[/] (" + "; ".join(why) + "; fix: fleetserve up)"
+        out.print(f"health: {health}; GPUs: {st['gpus_total']:g}", highlight=False)
+        if st.get("auth") == "disabled":
+            out.print("[bold red]Ray token authentication is OFF (ray.auth = disabled)[/]")
         out.print(f"dashboard: {st['dashboard'] or 'disabled'}", highlight=False)
         if st["serve"]:
             for app, info in st["serve"].items():
@@ -191,4 +235,5 @@ def register(app: typer.Typer) -> None:
     app.command("down")(down)
     app.command("status")(status)
     app.command("drain")(drain)
+    app.command("token")(token)
     app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)

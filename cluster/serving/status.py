@@ -66,7 +66,11 @@ class DeploymentSummary:
 def fetch_serve_details(dashboard_url: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """Serve's instance details: from the dashboard if ``dashboard_url``, else from the controller."""
     if dashboard_url:
-        r = httpx.get(dashboard_url.rstrip("/") + DASHBOARD_SERVE_ROUTE, timeout=timeout)
+        # The cluster's Ray token, where the caller has it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH).
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        r = httpx.get(dashboard_url.rstrip("/") + DASHBOARD_SERVE_ROUTE, timeout=timeout,
+                      headers=get_auth_headers_if_auth_enabled({}))
         r.raise_for_status()
         return r.json()
     import ray

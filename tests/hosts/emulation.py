@@ -330,6 +330,8 @@ def default_settings(emu: HostEmulator) -> dict[str, str]:
         "ray.python": str(VENV / "python"),
         "ray.ray": str(VENV / "ray"),
         "ray.temp_dir": "/run/fleetserve-ray",
+        # The hosts share this machine's home; their token, env and pid files must not.
+        "ray.secrets_dir": "/run/fleetserve-secrets",
         "ray.num_cpus": "4",
         "ray.object_store_memory": str(100 * 1024 * 1024),
         "ray.min_shm_bytes": str(512 * 1024 * 1024),
