@@ -1078,7 +1078,10 @@ class RayCluster:
         path = state_file(self.state_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"hostfile": str(Path(self.config.source).resolve()), "address": self.address,
-                                    "dashboard": self.dashboard_url, "time": time.time()}, indent=2))
+                                    "dashboard": self.dashboard_url, "time": time.time(),
+                                    # Where this machine's copy of the token is (never the token itself).
+                                    "token_path": str(self.token_file) if self.ray.auth == "token" else None},
+                                   indent=2))
 
 
 def resolve_hostfile(hostfile: Path | None, state_dir: Path | None = None) -> ClusterConfig:

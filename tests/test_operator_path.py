@@ -63,6 +63,11 @@ def cluster(host_emulator: HostEmulator, tmp_path_factory: pytest.TempPathFactor
                                       host_keys={1: "cpus=1"})
     r = cli("up", str(hostfile), state=state)
     assert r.returncode == 0, r.stdout + r.stderr
+    # This test's own reads of the dashboard (and plain `serve deploy`/`serve status`) present the
+    # cluster's token as an operator would; `fleetserve serve` is run without it and finds it itself.
+    r = cli("token", str(hostfile), "--path", state=state)
+    assert r.returncode == 0, r.stdout + r.stderr
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": r.stdout.strip()})
     try:
         yield {"work": work, "state": state, "hostfile": hostfile}
     finally:
@@ -85,8 +90,15 @@ def templated_file(work: Path) -> Path:
     return path
 
 
+def shell_env(state: Path, **env: str) -> dict[str, str]:
+    """A separate shell's environment: this one's plus ``env``, without the Ray token settings
+    (``fleetserve`` must find the token of the cluster it brought up by itself)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    return {**base, "FLEETSERVE_STATE_DIR": str(state), "COLUMNS": "200", **env}
+
+
 def client(*args: str, state: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
-    """A command from a separate shell: only ``env`` is added to this process's environment."""
+    """A command from a separate shell that has the operator's token settings plus ``env``."""
     full = {**os.environ, "FLEETSERVE_STATE_DIR": str(state), "COLUMNS": "200", **env}
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=full)
 
@@ -112,8 +124,7 @@ def test_1_overrides_from_the_client_shell_reach_the_replica(cluster) -> None:
     proc = subprocess.Popen(
         [str(FLEETSERVE), "serve", str(path), "--detach", "--set", "replicas.max_ongoing_requests=5",
          "--ready-timeout", "900"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "FLEETSERVE_STATE_DIR": str(cluster["state"]), "COLUMNS": "200", **env})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=shell_env(cluster["state"], **env))
     try:
         # While the engine starts, /health answers at once and says so.
         wait_for(lambda: app_status().get("status") in ("DEPLOYING", "RUNNING"), 300, "app deploying",
@@ -169,8 +180,9 @@ def test_3_a_replica_that_cannot_start_fails_the_deployment_with_its_reason(clus
     path = templated_file(cluster["work"])
     missing = "/srv/models/not-on-any-host"
     t0 = time.monotonic()
-    r = client(str(FLEETSERVE), "serve", str(path), "--detach", "--set", f"model.source={missing}",
-               "--set", "model.served_name=op-missing", "--ready-timeout", "600", state=cluster["state"], env={})
+    r = subprocess.run([str(FLEETSERVE), "serve", str(path), "--detach", "--set", f"model.source={missing}",
+                        "--set", "model.served_name=op-missing", "--ready-timeout", "600"],
+                       capture_output=True, text=True, timeout=900, env=shell_env(cluster["state"]))
     failed_after = time.monotonic() - t0
     assert r.returncode != 0, r.stdout + r.stderr
     assert "not a directory" in r.stderr and missing in r.stderr, r.stdout + r.stderr

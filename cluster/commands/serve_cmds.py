@@ -126,10 +126,13 @@ def serve(
     replicas get. Prints one line when the endpoint is ready; Ctrl-C stops the
     app, and the local Ray head if this command started it.
     """
-    from cluster.commands.serve_launch import SERVE_CLI, LocalHead, cluster_address, endpoint_url, wait_ready, write_resolved
+    from cluster.commands.serve_launch import SERVE_CLI, LocalHead, endpoint_url, recorded_cluster, wait_ready, write_resolved
     from cluster.spec import load_serve_config
 
-    address = address or os.environ.get("RAY_ADDRESS") or cluster_address()
+    recorded, auth_env = recorded_cluster()
+    address = address or os.environ.get("RAY_ADDRESS") or recorded
+    if address != recorded or "RAY_AUTH_MODE" in os.environ:
+        auth_env = {}  # another cluster, or the user's own token settings: leave them as they are
     try:
         cfg = load_serve_config(config, overrides)
         # Served on a head started here, the model must be on this machine.
@@ -145,7 +148,7 @@ def serve(
                           "it stops when this command ends")
             head.start()
             address = head.address
-        env = dict(os.environ, RAY_ADDRESS=address)
+        env = dict(os.environ, RAY_ADDRESS=address, **auth_env)
         url = endpoint_url(cfg, address)
         if detach:
             dashboard = head.dashboard_url if head else _dashboard_for(address)

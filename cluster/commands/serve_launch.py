@@ -54,13 +54,14 @@ def write_resolved(cfg: dict[str, Any], source: Path) -> Path:
     return path
 
 
-def cluster_address() -> str | None:
-    """The GCS address the last `fleetserve up` recorded, if any."""
-    path = state_file()
+def recorded_cluster() -> tuple[str | None, dict[str, str]]:
+    """The GCS address the last `fleetserve up` recorded, and the env that presents its Ray token."""
     try:
-        return json.loads(path.read_text()).get("address")
+        state = json.loads(state_file().read_text())
     except (OSError, ValueError):
-        return None
+        return None, {}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]} if state.get("token_path") else {}
+    return state.get("address"), auth
 
 
 def endpoint_url(cfg: dict[str, Any], address: str) -> str:
