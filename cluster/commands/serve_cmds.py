@@ -156,7 +156,10 @@ def serve(
             wait_ready(url, ready_timeout, None)
             console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health", soft_wrap=True)
             return
-        proc = subprocess.Popen([*SERVE_CLI, "run", str(resolved)], env=env)
+        # SIGINT at its default even when this command was started with it ignored (a background job):
+        # it is how serve run is told to tear the app down.
+        proc = subprocess.Popen([*SERVE_CLI, "run", str(resolved)], env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         # A closed terminal or a `kill` ends it the way Ctrl-C does: app torn down, head stopped.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _interrupt)
