@@ -140,7 +140,7 @@ def launch(config: Path, port: int):
     ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_cfg["args"]), name=app_cfg["name"], route_prefix="/", blocking=False)
-    from cluster.spec import load_serving_args
+    from cluster.serving.spec import load_serving_args
 
     return load_serving_args(app_cfg["args"]).models[0].served_name
 

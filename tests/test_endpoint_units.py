@@ -11,7 +11,7 @@ from cluster.errors import ConfigError
 from cluster.serving.auth import key_matches, load_key_digests
 from cluster.serving.limits import RequestRejected
 from cluster.serving.media import address_allowed, check_image_bytes, domain_allowed
-from cluster.spec import EndpointSpec, check_endpoint_exposure, load_serving_args
+from cluster.serving.spec import EndpointSpec, check_endpoint_exposure, load_serving_args
 
 from test_endpoint_security import huge_png_header, png_bytes
 

@@ -64,7 +64,7 @@ def device() -> str:
 
 
 def resolved_spec(config: Path, overrides: list[str], model_dir: str):
-    from cluster.spec import load_serve_config
+    from cluster.serving.spec import load_serve_config
 
     env = {**os.environ, "QWEN25_VL_32B_PATH": model_dir}
     cfg = load_serve_config(config, overrides, environ=env)

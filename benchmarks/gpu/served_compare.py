@@ -2,7 +2,7 @@
 
 Everything goes through the project's own serving path: the ``args:`` of
 ``deployments/*.yaml`` (``${VAR}`` expansion and validation of
-:mod:`cluster.spec`), :func:`cluster.serving.app.build_app` (Ray Serve +
+:mod:`cluster.serving.spec`), :func:`cluster.serving.app.build_app` (Ray Serve +
 ``ray.serve.llm`` + vLLM, the FleetIngress with ``/health``), one local Ray
 cluster with the one GPU. Weights are vLLM's ``load_format: dummy`` on model
 directories of the real architectures (``fleetserve make-model``).
@@ -73,7 +73,7 @@ def phase_args(phase: str, model_dirs: dict[str, str], ray_accel: list[str]) -> 
     """The Serve app name and ``args`` of one phase, from its deployment YAML plus overrides."""
     import yaml
 
-    from cluster.spec import expand_env
+    from cluster.serving.spec import expand_env
 
     p = PHASES[phase]
     env = dict(os.environ, FLEETSERVE_LOAD_FORMAT="dummy")

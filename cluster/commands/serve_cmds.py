@@ -46,7 +46,7 @@ def validate(
 ) -> None:
     """Check a deployment file: every model spec, engine arg and placement."""
     from cluster.serving.app import engine_kwargs_for, llm_config_for
-    from cluster.spec import load_serve_config
+    from cluster.serving.spec import load_serve_config
 
     try:
         cfg = load_serve_config(config, overrides)
@@ -127,7 +127,7 @@ def serve(
     app, and the local Ray head if this command started it.
     """
     from cluster.commands.serve_launch import SERVE_CLI, LocalHead, endpoint_url, recorded_cluster, wait_ready, write_resolved
-    from cluster.spec import load_serve_config
+    from cluster.serving.spec import load_serve_config
 
     recorded, auth_env = recorded_cluster()
     address = address or os.environ.get("RAY_ADDRESS") or recorded
@@ -199,7 +199,7 @@ def _check_hostfile_fits(cfg: dict, path: Path, hostfile: Path) -> None:
     """TP x PP of every model against the GPUs the hostfile lists (before `fleetserve up`)."""
     from cluster.errors import ConfigErrors
     from cluster.hosts import load_hostfile
-    from cluster.spec import check_world_size
+    from cluster.serving.spec import check_world_size
 
     slots = [h.slots for h in load_hostfile(hostfile).hosts]
     problems = []

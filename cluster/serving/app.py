@@ -21,7 +21,7 @@ from typing import Any
 from cluster.kernels import runtime_env_vars
 from cluster.serving.placement import replica_placement
 from cluster.serving.auth import load_key_digests
-from cluster.spec import DeploymentSpec, ServingArgs, check_endpoint_exposure, check_world_size, load_serving_args
+from cluster.serving.spec import DeploymentSpec, ServingArgs, check_endpoint_exposure, check_world_size, load_serving_args
 from cluster.errors import ConfigErrors
 
 SERVER_CLS = "cluster.serving.engine:FleetLLMServer"

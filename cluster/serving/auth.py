@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 
 from cluster.errors import ConfigError
-from cluster.spec import EndpointSpec
+from cluster.serving.spec import EndpointSpec
 
 #: Paths that stay open without a key (relative to the app's route prefix).
 OPEN_PATHS = frozenset({"/health"})

@@ -48,7 +48,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from cluster.serving.limits import InFlight, RequestRejected, check_request
 from cluster.serving.media import ImageFetcher, check_image_bytes, image_parts, media_url_problem, to_data_url
 from cluster.serving.status import failure_reason
-from cluster.spec import EndpointSpec, MediaPolicy
+from cluster.serving.spec import EndpointSpec, MediaPolicy
 
 logger = logging.getLogger("ray.serve")
 

@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 from cluster.serving.auth import send_json_error
-from cluster.spec import RequestLimits
+from cluster.serving.spec import RequestLimits
 
 logger = logging.getLogger("ray.serve")
 

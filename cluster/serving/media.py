@@ -4,7 +4,7 @@ vLLM would fetch ``image_url`` URLs from inside a replica with no address
 policy: any client could make it probe loopback services, the private network
 or a cloud metadata endpoint, and a server that never answers tied a request
 up for minutes. Here each http(s) image is fetched by the ingress under the
-spec's :class:`cluster.spec.MediaPolicy`, checked, and handed to the replica
+spec's :class:`cluster.serving.spec.MediaPolicy`, checked, and handed to the replica
 as a ``data:`` URL:
 
 * the host is resolved once, **every** resolved address is checked (loopback,
@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 from cluster.serving.limits import RequestRejected
-from cluster.spec import MediaPolicy
+from cluster.serving.spec import MediaPolicy
 
 #: Cloud metadata services: denied even when allowed_networks covers them.
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
