@@ -17,27 +17,28 @@ from cluster.ssh import known_hosts_name
 
 
 def _deployment_bundles(tp: int, pp: int, **placement) -> dict:
-    """What ray.serve.llm derives from our placement config: the replica's PG bundles and strategy."""
-    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    """What ray.serve.llm derives from our placement config: the replica's PG bundles and strategy.
+
+    Read from its engine config (Ray 2.58), which -- unlike the deployment options -- needs no Ray
+    instance (``get_deployment_options`` reads the runtime context, which starts one).
+    """
     from ray.serve.llm import LLMConfig
 
     cfg = LLMConfig(model_loading_config={"model_id": "m", "model_source": "/m"},
                     engine_kwargs={"tensor_parallel_size": tp, "pipeline_parallel_size": pp},
-                    accelerator_type=None, placement_group_config=replica_placement(pp, **placement),
-                    deployment_config={"ray_actor_options": {"num_cpus": 0.5}})
-    opts = LLMServer.get_deployment_options(cfg)
-    return {"strategy": opts["placement_group_strategy"], "bundles": opts["placement_group_bundles"]}
+                    placement_group_config=replica_placement(pp, **placement)).get_engine_config()
+    return {"strategy": cfg.placement_strategy, "bundles": cfg.placement_bundles}
 
 
 def test_pp1_is_strict_pack_one_bundle_per_worker() -> None:
     pg = _deployment_bundles(8, 1)
     assert pg["strategy"] == "STRICT_PACK"
-    assert sum(b.get("GPU", 0) for b in pg["bundles"]) == 8 and len(pg["bundles"]) == 8
+    assert pg["bundles"] == [{"GPU": 1, "CPU": 1.0}] * 8
 
 
 def test_pp_gt1_is_pack_and_world_sized() -> None:
     pg = _deployment_bundles(2, 2, cpus_per_worker=0.5)
-    assert pg["strategy"] == "PACK" and [b.get("GPU") for b in pg["bundles"]] == [1, 1, 1, 1]
+    assert pg["strategy"] == "PACK" and pg["bundles"] == [{"GPU": 1, "CPU": 0.5}] * 4
     assert _deployment_bundles(2, 2, strategy="SPREAD")["strategy"] == "SPREAD"
     for tp, pp in ((1, 1), (4, 3)):
         assert sum(b.get("GPU", 0) for b in _deployment_bundles(tp, pp)["bundles"]) == tp * pp

@@ -19,11 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def replica_bundles(spec) -> list[dict]:
-    """The placement-group bundles Ray Serve LLM derives for one replica of ``spec``."""
-    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    """The placement-group bundles Ray Serve LLM derives for one replica of ``spec`` (no Ray instance needed)."""
     from ray.serve.llm import LLMConfig
 
-    return LLMServer.get_deployment_options(LLMConfig(**llm_config_for(spec)))["placement_group_bundles"]
+    return LLMConfig(**llm_config_for(spec)).get_engine_config().placement_bundles
 
 
 def _one(args: dict):

@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -114,8 +116,11 @@ class LocalHead:
         self.dashboard_port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        # A temp dir of its own: Ray records "the current cluster" there, so other Ray programs on the
+        # machine never attach to this head by default, and nothing of it is left in /tmp/ray after stop.
+        self.temp_dir = Path(tempfile.gettempdir()) / f"fleetserve-head-{self.port}"
         self._cmd = [
-            *RAY_CLI, "start", "--head", "--block", f"--port={self.port}",
+            *RAY_CLI, "start", "--head", "--block", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
         ]
@@ -155,6 +160,7 @@ class LocalHead:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
         self._proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def session_pids(sid: int) -> list[int]:
