@@ -283,3 +283,50 @@ def test_up_help_shows_the_cluster_section() -> None:
 
     out = CliRunner().invoke(app, ["up", "--help"], env={"COLUMNS": "200"}).output
     assert "optional [cluster] section" in out  # rich markup once ate "[cluster]"
+
+
+def test_drain_runs_check_then_drain_then_wait_on_the_head_and_stops_ray() -> None:
+    """The fleet drives the drain; the workload's program (the serving layer's) says when it may and when it is done."""
+    import json as json_
+
+    from cluster.fleet.remote import drain as drain_program
+    from cluster.fleet.remote import program_source
+    from cluster.fleet.ssh import CommandResult
+    from cluster.serving.remote import drain_wait
+
+    rc = cluster()
+    sources = {program_source(drain_wait): "workload", program_source(drain_program): "drain"}
+    calls: list[tuple[str, dict]] = []
+
+    class Pool:
+        def run(self, host, cmd, stdin=None, timeout=None, on_line=None):
+            if stdin is None:  # stop_host
+                calls.append(("stop", {"host": host.name}))
+                return CommandResult(host.name, cmd, 0, "", "", 0.0)
+            args = json_.loads(shlex.split(cmd.rsplit("; ", 1)[-1])[-1])
+            name = sources[stdin]
+            calls.append((name, args))
+            assert args["ray_init"]["_node_ip_address"] == "10.0.0.1" and args["address"] == "10.0.0.1:6379"
+            out = {("workload", "check"): {"interrupted_replicas": []}, ("drain", None): {"node_id": "n2"},
+                   ("workload", "wait"): {"seconds": 1.5}}[(name, args.get("phase"))]
+            if on_line:
+                on_line("stdout", "PROGRESS replicas here: none")
+            return CommandResult(host.name, cmd, 0, "PROGRESS x\nRESULT " + json_.dumps(out) + "\n", "", 0.0)
+
+        def close(self):
+            pass
+
+    rc.pool = Pool()
+    res = rc.drain("10.0.0.2", timeout=30, workload=drain_wait)
+    assert [c[0] for c in calls] == ["workload", "drain", "workload", "stop"]
+    assert calls[0][1]["phase"] == "check" and calls[2][1] == {**calls[2][1], "phase": "wait", "node_id": "n2"}
+    assert res["node_id"] == "n2" and res["seconds_to_empty"] == 1.5 and res["interrupted_replicas"] == []
+
+    # the workload's refusal stops the drain before Ray is asked to drain anything
+    calls.clear()
+    refused = {"error": "replicas with workers on this node run their actor elsewhere", "fix": "pass --force"}
+    rc.pool.run = lambda host, cmd, stdin=None, timeout=None, on_line=None: (  # type: ignore[method-assign]
+        calls.append(("run", {})) or CommandResult(host.name, cmd, 0, "RESULT " + json_.dumps(refused), "", 0.0))
+    with pytest.raises(ClusterError, match="cannot drain 10.0.0.2: replicas with workers") as err:
+        rc.drain("10.0.0.2", workload=drain_wait)
+    assert err.value.problems == {"10.0.0.2": "pass --force"} and len(calls) == 1

@@ -49,3 +49,17 @@ def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     lazy = tmp_path / "lazy.py"
     lazy.write_text("def f():\n    from cluster import serving\n    import cluster.commands.cli\n")
     assert {"cluster.serving", "cluster.commands.cli"} <= imported_modules(lazy)
+
+
+def test_programs_shipped_to_the_hosts_need_nothing_of_fleetserve() -> None:
+    """The probe runs before anything says the host's Python is usable: standard library only.
+    The other fleet programs need Ray there, and nothing of fleetserve."""
+    import sys
+
+    remote = PACKAGE / "fleet" / "remote"
+    for path in sorted(remote.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tops = {name.split(".")[0] for name in imported_modules(path)}
+        allowed = set(sys.stdlib_module_names) | ({"ray"} if path.name != "probe.py" else set())
+        assert tops <= allowed, f"{path.name} imports {sorted(tops - allowed)}"
