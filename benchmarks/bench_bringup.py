@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from hosts.emulation import VENV, HostEmulator, missing_requirements  # noqa: E402
 
-from cluster.hosts import load_hostfile  # noqa: E402
-from cluster.raycluster import RayCluster  # noqa: E402
+from cluster.fleet.hostfile import load_hostfile  # noqa: E402
+from cluster.commands.cluster_cmds import open_cluster  # noqa: E402
+from cluster.fleet.bringup import RayCluster  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 WORKDIR = Path("/tmp/fleetserve-hosts-bench")
@@ -59,7 +60,7 @@ def bench_fleetserve(emu: HostEmulator, n: int) -> dict:
     hf = emu.hostfile(list(range(1, n + 1)), path=WORKDIR / f"hostfile-{n}")
     config = load_hostfile(hf)
     marks: dict[str, float] = {}
-    with RayCluster(config) as rc:
+    with open_cluster(config) as rc:
         t0 = time.monotonic()
         summary = rc.up()
         total = time.monotonic() - t0

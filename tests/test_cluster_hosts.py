@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import cli, host_emulator, three_hosts  # noqa: E402,F401
 
-from cluster.hosts import load_hostfile  # noqa: E402
-from cluster.raycluster import ClusterError, RayCluster  # noqa: E402
+from cluster.fleet.hostfile import load_hostfile  # noqa: E402
+from cluster.commands.cluster_cmds import cluster_status, open_cluster  # noqa: E402
+from cluster.fleet.bringup import ClusterError, RayCluster  # noqa: E402
 from cluster.serving.placement import check_stage_locality  # noqa: E402
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -87,7 +88,7 @@ def test_wrong_client_key_and_changed_host_key(three_hosts: HostEmulator, tmp_pa
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     hf = three_hosts.hostfile([1, 2], path=tmp_path / "hf", settings={"ssh.key": str(other)})
-    with pytest.raises(ClusterError) as err, RayCluster(load_hostfile(hf)) as rc:
+    with pytest.raises(ClusterError) as err, open_cluster(load_hostfile(hf)) as rc:
         rc.up()
     assert set(err.value.problems) == {"10.203.0.11", "10.203.0.12"}
     assert "authentication as 'root' with key" in err.value.problems["10.203.0.11"]
@@ -99,7 +100,7 @@ def test_wrong_client_key_and_changed_host_key(three_hosts: HostEmulator, tmp_pa
     wrong.write_text("\n".join(l if not l.startswith("10.203.0.12 ") else f"10.203.0.12 {fake_pub[0]} {fake_pub[1]}"
                                for l in lines) + "\n")
     hf = three_hosts.hostfile([1, 2], path=tmp_path / "hf2", settings={"ssh.known_hosts": str(wrong)})
-    with pytest.raises(ClusterError) as err, RayCluster(load_hostfile(hf), trust_new_host_keys=True) as rc:
+    with pytest.raises(ClusterError) as err, open_cluster(load_hostfile(hf), trust_new_host_keys=True) as rc:
         rc.up()
     assert list(err.value.problems) == ["10.203.0.12"]
     assert "host key changed" in err.value.problems["10.203.0.12"]
@@ -125,7 +126,7 @@ def test_version_mismatch_on_one_host(three_hosts: HostEmulator, tmp_path: Path)
     three_hosts.add_host(5, env={"PYTHONPATH": str(fake)})
     try:
         hf = three_hosts.hostfile([1, 2, 5], path=tmp_path / "hf")
-        with pytest.raises(ClusterError) as err, RayCluster(load_hostfile(hf)) as rc:
+        with pytest.raises(ClusterError) as err, open_cluster(load_hostfile(hf)) as rc:
             rc.up()
         assert list(err.value.problems) == ["10.203.0.15"]
         assert "version mismatch with the head: ray 0.0.1 (head: 2.58.0)" in err.value.problems["10.203.0.15"]
@@ -143,7 +144,7 @@ def test_failed_start_rolls_back_what_this_run_started(three_hosts: HostEmulator
     three_hosts.add_host(6, env={"PYTHONPATH": str(site)})
     try:
         hf = three_hosts.hostfile([1, 2, 6], path=tmp_path / "hf")
-        with pytest.raises(ClusterError) as err, RayCluster(load_hostfile(hf)) as rc:
+        with pytest.raises(ClusterError) as err, open_cluster(load_hostfile(hf)) as rc:
             rc.up()
         assert list(err.value.problems) == ["10.203.0.16"], err.value
         assert "simulated failure" in err.value.problems["10.203.0.16"]
@@ -273,12 +274,12 @@ def test_tp2_pp2_placement_one_stage_per_node(cluster3, state_dir: Path) -> None
     config = load_hostfile(hf)
     with RayCluster(config) as rc:
         args = json.dumps({"address": rc.address, "node_ip": rc.head.ray_ip})
-        # _in_node: with the node's env file, so the probe's ray.init presents the cluster's token
-        res = rc.pool.run(rc.head, rc._in_node(f"{config.settings.ray.python} - '{args}'"), stdin=PLACEMENT_PROBE,
+        # in_node: with the node's env file, so the probe's ray.init presents the cluster's token
+        res = rc.pool.run(rc.head, rc.node.in_node(f"{config.settings.ray.python} - '{args}'"), stdin=PLACEMENT_PROBE,
                           timeout=600)
         assert res.ok, res.stderr[-3000:]
         report = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:])
-        status = rc.status()
+        status = cluster_status(rc)
     opts = report["deployment_options"]
     assert opts["placement_group_strategy"] == "PACK"
     assert [b.get("GPU", 0) for b in opts["placement_group_bundles"]] == [1, 1, 1, 1]

@@ -7,11 +7,13 @@ import subprocess
 
 import pytest
 
-from cluster.hosts import parse_hostfile_text
 from cluster.errors import ConfigError
-from cluster.raycluster import ClusterError, Probe, Progress, RayCluster, node_env, parse_size
+from cluster.fleet.bringup import ClusterError, RayCluster
+from cluster.fleet.hostfile import parse_hostfile_text
+from cluster.fleet.preflight import Probe, parse_size, preflight
+from cluster.fleet.raystart import node_env
+from cluster.fleet.ssh import known_hosts_name
 from cluster.serving.placement import PlacementError, check_stage_locality, replica_placement, worker_layout
-from cluster.ssh import known_hosts_name
 
 # ---------------------------------------------------------------------- placement
 
@@ -94,23 +96,26 @@ def probe(host: str, **kw) -> Probe:
 def test_ray_start_head_and_worker() -> None:
     rc = cluster()
     head, worker = rc.config.hosts
-    h = shlex.split(rc.ray_start_command(head))
+    h = shlex.split(rc.node.ray_start_command(head))
     assert h[:2] == ["ray", "start"] and "--head" in h and "--port=6379" in h
     assert "--node-ip-address=10.0.0.1" in h and "--num-gpus=8" in h and "--num-cpus=16" in h
     assert "--temp-dir=/run/ray" in h and "--dashboard-host=10.0.0.1" in h  # the cluster address, not 0.0.0.0
     assert '--resources={"accelerator_type:H100": 1}' in h
-    w = shlex.split(rc.ray_start_command(worker))
+    w = shlex.split(rc.node.ray_start_command(worker))
     assert "--address=10.0.0.1:6379" in w and "--node-ip-address=192.168.0.2" in w and "--num-gpus=4" in w
     assert "--head" not in w
 
 
-def test_node_env_sets_nccl_gloo_vllm_ip() -> None:
-    rc = cluster()
+def test_node_env_sets_nccl_gloo_vllm_ip_and_what_the_serving_layer_passes() -> None:
+    from cluster.commands.cluster_cmds import open_cluster
+
+    rc = open_cluster(parse_hostfile_text(HOSTFILE, "hf"))
     worker = rc.config.hosts[1]
-    env = node_env(rc.config, worker, probe("192.168.0.2", iface="ib0"))
+    env = node_env(rc.config, worker, probe("192.168.0.2", iface="ib0"), rc.extra_env)
     assert env == {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0",
                    "VLLM_HOST_IP": "192.168.0.2",
                    "RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH": "cluster.serving.drain:install"}
+    assert "RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH" not in node_env(rc.config, worker, probe("192.168.0.2"))
 
 
 def test_drain_refuses_the_head_before_touching_any_host() -> None:
@@ -140,7 +145,7 @@ def test_docker_mode_commands() -> None:
     rc = cluster("10.0.0.1 slots=8\n[cluster]\ndocker.image = reg/img:tag\ndocker.name = flagos\n"
                  "docker.shm_size = 32g\ndocker.volumes = [/nfs:/nfs]\n")
     host = rc.config.hosts[0]
-    run = shlex.split(rc.docker_run_command(host, {"NCCL_SOCKET_IFNAME": "eth0"}))
+    run = shlex.split(rc.node.docker_run_command(host, {"NCCL_SOCKET_IFNAME": "eth0"}))
     for flag in ("--net=host", "--ipc=host", "--gpus=all", "--shm-size=32g"):
         assert flag in run
     assert run[run.index("--name") + 1] == "flagos" and run[-3:] == ["reg/img:tag", "sleep", "infinity"]
@@ -148,13 +153,13 @@ def test_docker_mode_commands() -> None:
     assert run[:2] == [".", "$HOME/.fleetserve/fleetserve.env"] and run[2] == "&&"
     assert "NCCL_SOCKET_IFNAME" in run and "NCCL_SOCKET_IFNAME=eth0" not in run and "/nfs:/nfs" in run
     assert "$RAY_AUTH_TOKEN_PATH:$RAY_AUTH_TOKEN_PATH:ro" in run
-    assert rc._in_node("ray status") == "docker exec -i flagos sh -c 'ray status'"
+    assert rc.node.in_node("ray status") == "docker exec -i flagos sh -c 'ray status'"
 
 
 def test_preflight_passes_on_matching_hosts() -> None:
     rc = cluster()
     probes = {"10.0.0.1": probe("10.0.0.1"), "10.0.0.2": probe("192.168.0.2")}
-    assert rc.preflight(probes, list(rc.config.hosts)) == {}
+    assert preflight(rc.config, probes, list(rc.config.hosts), rc.address) == {}
 
 
 def test_preflight_names_each_problem() -> None:
@@ -164,7 +169,7 @@ def test_preflight_names_each_problem() -> None:
         "10.0.0.2": probe("192.168.0.2", packages={"ray": "2.57.0", "vllm": "0.26.0", "torch": "2.11.0"},
                           python="3.11.4", gpus=["H100"] * 2, shm_bytes=64 << 20, iface=None, ray_pids=[42]),
     }
-    problems = rc.preflight(probes, list(rc.config.hosts))
+    problems = preflight(rc.config, probes, list(rc.config.hosts), rc.address)
     assert "port(s) 6379 already in use" in problems["10.0.0.1"]
     w = problems["10.0.0.2"]
     assert "version mismatch with the head: python 3.11.4 (head: 3.11.9), ray 2.57.0 (head: 2.58.0)" in w
@@ -176,13 +181,13 @@ def test_preflight_names_each_problem() -> None:
 def test_preflight_skips_start_checks_for_joined_hosts() -> None:
     rc = cluster()
     probes = {"10.0.0.1": probe("10.0.0.1", busy_ports=[6379], ray_pids=[7]), "10.0.0.2": probe("192.168.0.2")}
-    assert rc.preflight(probes, [rc.config.hosts[1]]) == {}  # head already runs Ray: its ports are Ray's own
+    assert preflight(rc.config, probes, [rc.config.hosts[1]], rc.address) == {}  # head already runs Ray: its ports are Ray's own
 
 
 def test_preflight_wrong_ip_and_required_version() -> None:
     rc = cluster(HOSTFILE + "ray.version = 2.57.0\n")
     probes = {"10.0.0.1": probe("10.0.0.1"), "10.0.0.2": probe("192.168.0.2", addresses={"10.9.9.9": "eth0"})}
-    problems = rc.preflight(probes, list(rc.config.hosts))
+    problems = preflight(rc.config, probes, list(rc.config.hosts), rc.address)
     assert "ray 2.58.0 but ray.version = 2.57.0" in problems["10.0.0.1"]
     assert "address 192.168.0.2 is not on this host" in problems["10.0.0.2"]
 
@@ -194,11 +199,11 @@ def test_sizes_and_known_hosts_names() -> None:
 
 def test_node_env_file_quotes_values_and_carries_the_token_path() -> None:
     rc = cluster("10.0.0.1 slots=1\n[cluster]\nenv.HF_TOKEN = hf_abc 'x'\n")
-    text = rc._env_file_text({"HF_TOKEN": "hf_abc 'x'"})
+    text = rc.node.env_file_text({"HF_TOKEN": "hf_abc 'x'"})
     out = subprocess.run(["sh", "-c", text + 'printf "%s|%s|%s" "$HF_TOKEN" "$RAY_AUTH_MODE" "$RAY_AUTH_TOKEN_PATH"'],
                          capture_output=True, text=True, env={"HOME": "/h"})
     assert out.stdout == "hf_abc 'x'|token|/h/.fleetserve/fleetserve.token"
-    assert rc._in_node("ray status").endswith("; ray status")  # sources the env file first
+    assert rc.node.in_node("ray status").endswith("; ray status")  # sources the env file first
 
 
 def test_secrets_are_redacted_in_errors_and_progress() -> None:
@@ -207,11 +212,16 @@ def test_secrets_are_redacted_in_errors_and_progress() -> None:
     out = str(err.redacted(rc.redact))
     assert "hf_secretvalue" not in out and "HF_TOKEN=***" in out and "X=1" in out
     assert "rolled back" in out
+    from cluster.commands.progress import Progress
+
     lines = []
-    progress = Progress(["h"], console=None, redact=rc.redact)
-    progress.console.print = lambda msg, **kw: lines.append(msg)  # type: ignore[method-assign]
-    progress.update("h", "ray start failed: HF_TOKEN=hf_secretvalue")
-    assert lines == ["[h] ray start failed: HF_TOKEN=***"]
+    shown = Progress(["h"])
+    shown.console.print = lambda msg, **kw: lines.append(msg)  # type: ignore[method-assign]
+    rc = RayCluster(rc.config, progress=lambda hosts, title: shown)
+    with rc._progress(["h"], "t") as progress:  # what the fleet layer hands its progress: redacted already
+        progress.update("h", "ray start failed: HF_TOKEN=hf_secretvalue")
+        progress.note("note HF_TOKEN=hf_secretvalue")
+    assert lines == ["[h] ray start failed: HF_TOKEN=***", "note HF_TOKEN=***"]
 
 
 def test_rollback_failure_is_not_reported_as_rolled_back() -> None:
@@ -274,3 +284,50 @@ def test_up_help_shows_the_cluster_section() -> None:
 
     out = CliRunner().invoke(app, ["up", "--help"], env={"COLUMNS": "200"}).output
     assert "optional [cluster] section" in out  # rich markup once ate "[cluster]"
+
+
+def test_drain_runs_check_then_drain_then_wait_on_the_head_and_stops_ray() -> None:
+    """The fleet drives the drain; the workload's program (the serving layer's) says when it may and when it is done."""
+    import json as json_
+
+    from cluster.fleet.remote import drain as drain_program
+    from cluster.fleet.remote import program_source
+    from cluster.fleet.ssh import CommandResult
+    from cluster.serving.remote import drain_wait
+
+    rc = cluster()
+    sources = {program_source(drain_wait): "workload", program_source(drain_program): "drain"}
+    calls: list[tuple[str, dict]] = []
+
+    class Pool:
+        def run(self, host, cmd, stdin=None, timeout=None, on_line=None):
+            if stdin is None:  # stop_host
+                calls.append(("stop", {"host": host.name}))
+                return CommandResult(host.name, cmd, 0, "", "", 0.0)
+            args = json_.loads(shlex.split(cmd.rsplit("; ", 1)[-1])[-1])
+            name = sources[stdin]
+            calls.append((name, args))
+            assert args["ray_init"]["_node_ip_address"] == "10.0.0.1" and args["address"] == "10.0.0.1:6379"
+            out = {("workload", "check"): {"interrupted_replicas": []}, ("drain", None): {"node_id": "n2"},
+                   ("workload", "wait"): {"seconds": 1.5}}[(name, args.get("phase"))]
+            if on_line:
+                on_line("stdout", "PROGRESS replicas here: none")
+            return CommandResult(host.name, cmd, 0, "PROGRESS x\nRESULT " + json_.dumps(out) + "\n", "", 0.0)
+
+        def close(self):
+            pass
+
+    rc.pool = Pool()
+    res = rc.drain("10.0.0.2", timeout=30, workload=drain_wait)
+    assert [c[0] for c in calls] == ["workload", "drain", "workload", "stop"]
+    assert calls[0][1]["phase"] == "check" and calls[2][1] == {**calls[2][1], "phase": "wait", "node_id": "n2"}
+    assert res["node_id"] == "n2" and res["seconds_to_empty"] == 1.5 and res["interrupted_replicas"] == []
+
+    # the workload's refusal stops the drain before Ray is asked to drain anything
+    calls.clear()
+    refused = {"error": "replicas with workers on this node run their actor elsewhere", "fix": "pass --force"}
+    rc.pool.run = lambda host, cmd, stdin=None, timeout=None, on_line=None: (  # type: ignore[method-assign]
+        calls.append(("run", {})) or CommandResult(host.name, cmd, 0, "RESULT " + json_.dumps(refused), "", 0.0))
+    with pytest.raises(ClusterError, match="cannot drain 10.0.0.2: replicas with workers") as err:
+        rc.drain("10.0.0.2", workload=drain_wait)
+    assert err.value.problems == {"10.0.0.2": "pass --force"} and len(calls) == 1

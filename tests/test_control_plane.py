@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import cli, host_emulator, three_hosts  # noqa: E402,F401
 
-from cluster.hosts import load_hostfile  # noqa: E402
-from cluster.raycluster import RayCluster  # noqa: E402
+from cluster.fleet.hostfile import load_hostfile  # noqa: E402
+from cluster.fleet.bringup import RayCluster  # noqa: E402
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -170,7 +170,7 @@ def test_second_raylet_on_a_host_is_reported_and_repaired(cluster, three_hosts: 
     hf, rc, _ = cluster
     h2 = rc.config.hosts[1]
     # A second `ray start` of this cluster on fs-h2, as the stray one in issue 10 was.
-    r = rc.pool.run(h2, rc._in_node(f"{rc.config.settings.ray.ray} start --address={rc.address} "
+    r = rc.pool.run(h2, rc.node.in_node(f"{rc.config.settings.ray.ray} start --address={rc.address} "
                                     "--node-ip-address=10.203.0.12 --temp-dir=/run/fleetserve-ray-dup --num-cpus=1 "
                                     "--num-gpus=2 --dashboard-agent-listen-port=0 --metrics-export-port=0 "
                                     "--runtime-env-agent-port=0 --disable-usage-stats"), timeout=120)

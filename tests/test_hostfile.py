@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.errors import ConfigError, ConfigErrors
-from cluster.hosts import (
+from cluster.fleet.hostfile import (
     ClusterConfig,
     hostfile_keys_markdown,
     load_hostfile,

@@ -6,13 +6,17 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cluster.errors import FleetserveError
+
+if TYPE_CHECKING:
+    from cluster.fleet.bringup import RayCluster
+    from cluster.fleet.hostfile import ClusterConfig
 
 HostfileArg = Annotated[Path, typer.Argument(help="Hostfile (FlagScale format, optional \\[cluster] section) or cluster YAML.")]
 OptHostfileArg = Annotated[
@@ -25,6 +29,32 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+def open_cluster(config: ClusterConfig, **kwargs: Any) -> RayCluster:
+    """The fleet layer's RayCluster as the CLI drives it: progress on the terminal, and on every node
+    started, Serve's controller callback (replicas then migrate off nodes ``drain`` drains)."""
+    from cluster.commands.progress import Progress
+    from cluster.fleet.bringup import RayCluster
+    from cluster.serving.drain import CONTROLLER_CALLBACK
+
+    return RayCluster(config, node_env={"RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH": CONTROLLER_CALLBACK},
+                      progress=Progress.factory(), **kwargs)
+
+
+def cluster_status(rc: RayCluster) -> dict[str, Any]:
+    """The fleet's status, plus Serve's applications and per-deployment summary as read on the head."""
+    from cluster.serving.remote import serve_status
+
+    st = rc.status()
+    try:
+        serve = rc.run_on_head(serve_status, {})
+    except FleetserveError as exc:
+        serve = {"serve_error": str(exc)}
+    st.update({"serve": serve.get("serve") or {}, "serve_error": serve.get("serve_error"),
+               "serve_summary": serve.get("serve_summary") or [],
+               "serve_summary_error": serve.get("serve_summary_error")})
+    return st
+
+
 def up(
     hostfile: HostfileArg,
     trust_new_host_keys: Annotated[bool, typer.Option(
@@ -35,12 +65,11 @@ def up(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Preflight every host, start Ray (head first, workers in parallel), wait until all joined."""
-    from cluster.hosts import load_hostfile
-    from cluster.raycluster import RayCluster
+    from cluster.fleet.hostfile import load_hostfile
 
     try:
         config = load_hostfile(hostfile)
-        with RayCluster(config, trust_new_host_keys=trust_new_host_keys) as rc:
+        with open_cluster(config, trust_new_host_keys=trust_new_host_keys) as rc:
             summary = rc.up(join_timeout=timeout)
     except FleetserveError as exc:
         _fail(exc)
@@ -70,11 +99,11 @@ def token(
     """
     import shlex
 
-    from cluster.raycluster import RayCluster, resolve_hostfile
+    from cluster.fleet.state import resolve_hostfile
 
     try:
         config = resolve_hostfile(hostfile)
-        with RayCluster(config) as rc:
+        with open_cluster(config) as rc:
             token_file = rc.token_file
         if config.settings.ray.auth != "token":
             raise FleetserveError(f"cluster {config.settings.name!r} runs without Ray token authentication "
@@ -93,11 +122,11 @@ def token(
 
 def down(hostfile: OptHostfileArg = None) -> None:
     """Stop Ray on every host of the hostfile (workers first, then the head)."""
-    from cluster.raycluster import RayCluster, resolve_hostfile
+    from cluster.fleet.state import resolve_hostfile
 
     try:
         config = resolve_hostfile(hostfile)
-        with RayCluster(config) as rc:
+        with open_cluster(config) as rc:
             result = rc.down()
     except FleetserveError as exc:
         _fail(exc)
@@ -115,12 +144,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Nodes, GPUs, health, Serve applications and the dashboard URL."""
-    from cluster.raycluster import RayCluster, resolve_hostfile
+    from cluster.fleet.state import resolve_hostfile
 
     try:
         config = resolve_hostfile(hostfile)
-        with RayCluster(config) as rc:
-            st = rc.status()
+        with open_cluster(config) as rc:
+            st = cluster_status(rc)
     except FleetserveError as exc:
         _fail(exc)
         return
@@ -168,12 +197,13 @@ def drain(
         "--force", help="Also when a multi-node replica has workers there (its requests in flight fail).")] = False,
 ) -> None:
     """Move every Serve replica off HOST (replacements first, in-flight requests finish), then stop Ray there."""
-    from cluster.raycluster import RayCluster, resolve_hostfile
+    from cluster.fleet.state import resolve_hostfile
+    from cluster.serving.remote import drain_wait
 
     try:
         config = resolve_hostfile(hostfile)
-        with RayCluster(config) as rc:
-            result = rc.drain(host, timeout=timeout, force=force)
+        with open_cluster(config) as rc:
+            result = rc.drain(host, timeout=timeout, force=force, workload=drain_wait)
     except FleetserveError as exc:
         _fail(exc)
         return
@@ -190,8 +220,7 @@ def exec_(
     """Run a command on every host in parallel; output lines are prefixed with the host."""
     import shlex
 
-    from cluster.hosts import load_hostfile
-    from cluster.raycluster import RayCluster
+    from cluster.fleet.hostfile import load_hostfile
 
     lock = threading.Lock()
 
@@ -217,7 +246,7 @@ def exec_(
         if not command:
             raise FleetserveError("no command given\n  fix: fleetserve exec HOSTFILE -- CMD")
         cmd = command[0] if len(command) == 1 else shlex.join(command)
-        with RayCluster(config) as rc:
+        with open_cluster(config) as rc:
             results = rc.exec(cmd, emit, hosts=hosts, in_container=not on_host)
     except FleetserveError as exc:
         _fail(exc)

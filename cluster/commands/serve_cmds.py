@@ -198,7 +198,7 @@ def _dashboard_for(address: str) -> str:
 def _check_hostfile_fits(cfg: dict, path: Path, hostfile: Path) -> None:
     """TP x PP of every model against the GPUs the hostfile lists (before `fleetserve up`)."""
     from cluster.errors import ConfigErrors
-    from cluster.hosts import load_hostfile
+    from cluster.fleet.hostfile import load_hostfile
     from cluster.serving.spec import check_world_size
 
     slots = [h.slots for h in load_hostfile(hostfile).hosts]

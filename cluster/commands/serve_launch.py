@@ -32,7 +32,7 @@ import httpx
 import yaml
 
 from cluster.errors import FleetserveError
-from cluster.statefile import state_file
+from cluster.fleet.state import state_file
 
 #: Seconds between /health probes while waiting for the endpoint.
 READY_POLL_S = 2.0

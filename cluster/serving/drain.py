@@ -12,7 +12,7 @@ Ray offers the hook to plug in another cache: the controller imports and calls
 ``RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH`` right before it builds the cache
 through ``ray.serve._private.controller.create_cluster_node_info_cache``.
 ``fleetserve up`` sets that variable on every node (see
-:func:`cluster.raycluster.node_env`) to :func:`install`, which swaps the
+:func:`cluster.commands.cluster_cmds.open_cluster`) to :func:`install`, which swaps the
 factory for one whose cache reads the draining nodes (and their deadlines)
 from the GCS -- the state ``fleetserve drain`` sets with Ray's DrainNode RPC.
 """

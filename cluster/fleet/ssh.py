@@ -28,7 +28,7 @@ from typing import TypeVar
 import paramiko
 
 from cluster.errors import FleetserveError
-from cluster.hosts import ClusterConfig, Host
+from cluster.fleet.hostfile import ClusterConfig, Host
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""Fleet layer: hosts (hostfile) -> SSH -> Ray cluster. Imports nothing of cluster.serving or cluster.commands."""
