@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster.commands import fail
 from cluster.errors import FleetserveError
 
 if TYPE_CHECKING:
@@ -22,11 +23,6 @@ HostfileArg = Annotated[Path, typer.Argument(help="Hostfile (FlagScale format, o
 OptHostfileArg = Annotated[
     Optional[Path], typer.Argument(help="Hostfile; default: the one the last `fleetserve up` used.")
 ]
-
-
-def _fail(exc: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(1)
 
 
 def open_cluster(config: ClusterConfig, **kwargs: Any) -> RayCluster:
@@ -72,7 +68,7 @@ def up(
         with open_cluster(config, trust_new_host_keys=trust_new_host_keys) as rc:
             summary = rc.up(join_timeout=timeout)
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -112,7 +108,7 @@ def token(
             raise FleetserveError(f"no token for this cluster at {token_file}\n  fix: fleetserve up first, or copy "
                                   "the head's token file there with mode 0600")
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if path:
         print(token_file)
@@ -129,7 +125,7 @@ def down(hostfile: OptHostfileArg = None) -> None:
         with open_cluster(config) as rc:
             result = rc.down()
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
         return
     bad = {h: r for h, r in result.items() if r != "stopped"}
     if bad:
@@ -151,7 +147,7 @@ def status(
         with open_cluster(config) as rc:
             st = cluster_status(rc)
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if as_json:
         print(json.dumps(st, indent=2))
@@ -205,7 +201,7 @@ def drain(
         with open_cluster(config) as rc:
             result = rc.drain(host, timeout=timeout, force=force, workload=drain_wait)
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
         return
     Console().print(f"{result['host']} drained in {result['seconds']:.1f}s and Ray stopped there; remove it from "
                     "the hostfile (or run `fleetserve up` to bring it back)", highlight=False)
@@ -249,7 +245,7 @@ def exec_(
         with open_cluster(config) as rc:
             results = rc.exec(cmd, emit, hosts=hosts, in_container=not on_host)
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
         return
     failed = {h: r for h, r in results.items() if r != 0}
     for name, r in failed.items():

@@ -21,14 +21,14 @@ def make_model(
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights (tiny)."),
 ) -> None:
     """Write config, tokenizer, processor config (and tiny random weights) for an architecture. No downloads."""
+    from cluster.commands import fail
     from cluster.modelgen import ModelGenError
     from cluster.modelgen import make_model as _make
 
     try:
         path = _make(arch, size, out, seed=seed)
     except ModelGenError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        fail(exc)
     files = sorted(p.name for p in path.iterdir())
     console.print(f"[green]wrote[/] {path}: {', '.join(files)}")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
-from rich.markup import escape
 
+from cluster.commands import fail
 from cluster.errors import FleetserveError
 
 #: File name Ray 2.58 gives the service-discovery file (ray._private.ray_constants).
@@ -93,8 +93,7 @@ def prometheus(
             raise FleetserveError("no `prometheus` on PATH: install it (Debian/Ubuntu: apt-get install prometheus; "
                                   "elsewhere: https://prometheus.io/download) or use --print-only")
     except FleetserveError as exc:
-        Console(stderr=True).print("[bold red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     directory.mkdir(parents=True, exist_ok=True)
     config_file = directory / "prometheus.yml"
     config_file.write_text(config)

@@ -20,15 +20,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cluster.commands import fail
 from cluster.errors import FleetserveError
 
 console = Console()
 err_console = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print("[bold red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 SetOption = typer.Option(
@@ -54,7 +50,7 @@ def validate(
         if hostfile is not None:
             _check_hostfile_fits(cfg, config, hostfile)
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"{config}")
     for col in ("app", "model", "source", "TP x PP", "bundles", "replicas", "flaggems"):
         table.add_column(col)
@@ -131,6 +127,9 @@ def serve(
 
     recorded, auth_env = recorded_cluster()
     address = address or os.environ.get("RAY_ADDRESS") or recorded
+    if detach and not address:
+        fail(FleetserveError("--detach needs a running cluster (fleetserve up, --address or RAY_ADDRESS): "
+                             "a Ray head started by this command stops when it returns"))
     if address != recorded or "RAY_AUTH_MODE" in os.environ:
         auth_env = {}  # another cluster, or the user's own token settings: leave them as they are
     try:
@@ -138,7 +137,7 @@ def serve(
         # Served on a head started here, the model must be on this machine.
         _check_models_here(cfg, config, require_local=not address)
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
     resolved = write_resolved(cfg, config)
     head = None
     try:
@@ -180,7 +179,7 @@ def serve(
     except subprocess.CalledProcessError as exc:
         raise typer.Exit(exc.returncode or 1) from None
     except FleetserveError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         if head is not None:
             head.stop()
