@@ -46,6 +46,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import cli, host_emulator  # noqa: E402,F401
 import waiting  # noqa: E402
@@ -116,7 +117,9 @@ def record(name: str, counts: Counts | None = None, **extra: object) -> None:
     print(f"\n[{name}] {json.dumps(REPORT[name])}")
     path = os.environ.get("FLEETSERVE_FLEET_REPORT")
     if path:
-        Path(path).write_text(json.dumps(REPORT, indent=1))
+        from provenance import provenance
+
+        Path(path).write_text(json.dumps({**provenance(), **REPORT}, indent=1))
 
 
 def kill_raylet(emu: HostEmulator, index: int) -> int:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import httpx
 import pytest
@@ -66,8 +68,11 @@ def record(name: str, counts: Counts, **extra: object) -> None:
     print(f"\n[{name}] {json.dumps(REPORT[name])}")
     path = os.environ.get("FLEETSERVE_SCALE_REPORT")
     if path:
+        sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+        from provenance import provenance
+
         with open(path, "w") as fh:
-            json.dump(REPORT, fh, indent=1)
+            json.dump({**provenance(), **REPORT}, fh, indent=1)
 
 
 def kill_replica(replica: dict) -> None:
