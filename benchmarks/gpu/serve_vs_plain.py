@@ -179,8 +179,8 @@ def report(args: argparse.Namespace) -> None:
         "ready_s": {p: r.get("ready_s") for p, r in runs.items()},
         "rows": rows, "runs": runs, "not_run": args.not_run, "note": args.note,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     print("| load | plain vLLM tok/s | fleetserve tok/s | ratio | TTFT p50 plain / fleetserve (ms) | "
           "TPOT p50 plain / fleetserve (ms) |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -209,7 +209,7 @@ def report(args: argparse.Namespace) -> None:
     ax.set_title(f"{out['device']} @ {str(out['commit'])[:8]}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
+    fig.savefig(args.results_dir / f"{args.name}.png", dpi=120)
 
 
 def main() -> None:
@@ -226,6 +226,7 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("results", nargs="+")
     p.add_argument("--name", required=True)
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where NAME.json and NAME.png go")
     p.add_argument("--not-run", action="append", default=[])
     p.add_argument("--note", default="")
     args = parser.parse_args()
