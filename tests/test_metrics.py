@@ -283,7 +283,8 @@ def test_prometheus_scrapes_the_cluster_through_rays_service_discovery(scraped, 
 
     # This cluster's own file (the /tmp/ray link is shared with any other Ray on this machine).
     sd = Path(ray._private.worker._global_node.get_session_dir_path()) / SERVICE_DISCOVERY_FILE
-    wait_for(lambda: sd.is_file() and f":{METRICS_PORT}" in sd.read_text(), 60, f"the dashboard listing the node in {sd}")
+    wait_for(lambda: sd.is_file() and f":{METRICS_PORT}" in sd.read_text(), 60,
+             f"the dashboard listing the node in {sd}")
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("fleetserve")), "prometheus", "--sd-file", str(sd),
                              "--dir", str(tmp_path / "prom"), "--listen", f"127.0.0.1:{PROMETHEUS_PORT}",

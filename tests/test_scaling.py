@@ -170,8 +170,10 @@ def test_4_no_live_replica_gives_503_with_retry_after_not_a_hang(app):
             assert "no replica" in r.json()["error"]["message"]
         return r.status_code
 
-    # Probe until the ingress has answered 503 a few times: each answer must come at once.
-    waiting.wait_for(lambda: probe() == 503 and codes.count(503) >= 5, 60, "503s while no replica is alive", poll=0.5)
+    # Probe until the ingress has answered 503 three times (or 40 probes, ~20 s, if Serve restarts the
+    # replica sooner); the asserts below say whether 503s came, at once and with Retry-After.
+    waiting.wait_for(lambda: probe() == 503 and codes.count(503) >= 3 or len(codes) >= 40, 120,
+                     "503s while no replica is alive", poll=0.5, state=lambda: codes)
     REPORT["no_replica"] = {"codes": {str(c): codes.count(c) for c in set(codes)},
                             "max_latency_s": round(max(latencies), 2)}
     print(f"\n[no_replica] {REPORT['no_replica']}")
