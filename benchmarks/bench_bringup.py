@@ -10,6 +10,12 @@ namespace per host, logical GPUs). Measured per size:
   worker has joined (the launcher's autoscaler starts workers from the head),
   then ``ray down``. Where it cannot run here, the reason is recorded.
 
+Ray's default autoscaler on the ``ray up`` head (v2 in Ray 2.58) counts the head
+among the local node type's nodes, so it starts one listed worker fewer than
+asked, one at a time; ``all_joined_s`` is null where not every listed worker
+joined within ``--timeout`` (``autoscaler_log_tail`` shows why).
+``--ray-autoscaler v1`` (``RAY_enable_autoscaler_v2=0``) starts them all.
+
 Writes benchmarks/results/bringup.json and bringup.png. Needs root.
     .venv/bin/python benchmarks/bench_bringup.py --max-hosts 4
 """
@@ -31,6 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from hosts.emulation import VENV, HostEmulator, missing_requirements  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from cluster.fleet.hostfile import load_hostfile  # noqa: E402
 from cluster.commands.cluster_cmds import open_cluster  # noqa: E402
@@ -172,6 +179,7 @@ def main() -> int:
     elif shutil.which("rsync") is None:
         ray_up_note = "ray up needs rsync on the client (not installed here)"
     results: dict = {
+        **provenance(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start": loadavg(),
                     "note": "2-core VM shared with other jobs: absolute times are load-dependent; compare columns"},
         "method": "fresh emulated hosts per size; slots=2 logical GPUs, num_cpus=4; wall time of one bring-up each",

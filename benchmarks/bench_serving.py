@@ -1,105 +1,33 @@
-"""Drive an OpenAI endpoint at fixed concurrency; write JSON + a plot.
+"""Serving figures of an OpenAI endpoint at fixed concurrency, measured by ``vllm bench serve``; JSON + a plot.
 
-For each concurrency level, ``--requests`` streaming chat requests are sent by
-that many concurrent clients; per request we record time to first token (TTFT),
-time per output token after the first (TPOT) and the end-to-end latency, and
-per level the output-token throughput. Token counts come from the server's
-``usage`` (``stream_options.include_usage``), not from counting chunks.
+For each concurrency level, ``--requests`` random prompts (``--input-len`` tokens
+in, ``--max-tokens`` out, ``--ignore-eos``) go through vLLM's own benchmark client
+(benchmarks/vllm_bench.py), which measures time to first token (TTFT), time per
+output token (TPOT), end-to-end latency and output throughput.
 
     # against a running endpoint
-    python benchmarks/bench_serving.py --url http://127.0.0.1:8000 --model tiny-qwen2.5-vl
+    python benchmarks/bench_serving.py --url http://127.0.0.1:8000 --model tiny-qwen2.5-vl --tokenizer DIR
     # start deployments/tiny.yaml on a local Ray cluster first (CPU baseline)
     python benchmarks/bench_serving.py --launch deployments/tiny.yaml --out benchmarks/results/serving_cpu_tiny
 
-Results: ``<out>.json`` and ``<out>.png`` (throughput and TTFT/TPOT p50/p99 vs concurrency).
+Results: ``<out>.json`` (with commit, device and command line) and ``<out>.png``
+(throughput and TTFT/TPOT p50/p99 vs concurrency).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import platform
-import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {
-        "model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "stream_options": {"include_usage": True},
-        "messages": [{"role": "user", "content": prompt}],
-    }
-    t0 = time.perf_counter()
-    first = None
-    usage = None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"ok": False, "status": r.status_code, "error": (await r.aread()).decode()[:200]}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                first = time.perf_counter()
-    end = time.perf_counter()
-    out_tokens = (usage or {}).get("completion_tokens", 0)
-    ttft = (first or end) - t0
-    tpot = (end - (first or end)) / max(out_tokens - 1, 1)
-    return {"ok": True, "ttft": ttft, "tpot": tpot, "latency": end - t0, "out_tokens": out_tokens,
-            "in_tokens": (usage or {}).get("prompt_tokens", 0)}
-
-
-async def run_level(url: str, model: str, concurrency: int, requests: int, prompt: str, max_tokens: int) -> dict:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
-    results: list[dict] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def worker() -> None:
-            while True:
-                try:
-                    queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                results.append(await one_request(client, url, model, prompt, max_tokens))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    ok = [r for r in results if r["ok"]]
-    out_tokens = sum(r["out_tokens"] for r in ok)
-    ttft = [r["ttft"] for r in ok]
-    tpot = [r["tpot"] for r in ok]
-    lat = [r["latency"] for r in ok]
-    return {
-        "concurrency": concurrency, "requests": requests, "succeeded": len(ok), "failed": len(results) - len(ok),
-        "wall_s": wall, "output_tokens": out_tokens, "output_tok_per_s": out_tokens / wall,
-        "requests_per_s": len(ok) / wall,
-        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-        "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99),
-        "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
-        "mean_input_tokens": statistics.mean(r["in_tokens"] for r in ok) if ok else 0,
-        "errors": [r for r in results if not r["ok"]][:5],
-    }
+sys.path.insert(0, str(ROOT / "tests"))
+from provenance import provenance  # noqa: E402
+from vllm_bench import as_level, bench_serve  # noqa: E402
+from waiting import wait_healthy  # noqa: E402
 
 
 def plot(result: dict, path: Path) -> None:
@@ -128,7 +56,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def launch(config: Path, port: int):
-    """Start the config's first app on a local Ray cluster; return the model name."""
+    """Start the config's first app on a local Ray cluster; return its model's (served name, source)."""
     import ray
     import yaml
     from ray import serve
@@ -142,19 +70,8 @@ def launch(config: Path, port: int):
     serve.run(build_app(app_cfg["args"]), name=app_cfg["name"], route_prefix="/", blocking=False)
     from cluster.serving.spec import load_serving_args
 
-    return load_serving_args(app_cfg["args"]).models[0].served_name
-
-
-def wait_healthy(url: str, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{url} not healthy after {timeout}s")
+    model = load_serving_args(app_cfg["args"]).models[0]
+    return model.served_name, str(model.source)
 
 
 def main() -> None:
@@ -166,37 +83,44 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,2,4,8,16")
     ap.add_argument("--requests", type=int, default=32, help="Requests per concurrency level.")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--prompt-words", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=64, help="Random prompt tokens per request.")
+    ap.add_argument("--tokenizer", default=None, help="Tokenizer (model dir) for vllm bench serve; with "
+                    "--launch, the config's model.")
     ap.add_argument("--label", default=platform.node())
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving")
     args = ap.parse_args()
 
-    url, model = args.url, args.model
+    url, model, tokenizer = args.url, args.model, args.tokenizer
     if args.launch:
-        model = model or launch(args.launch, args.port)
+        launched, source = launch(args.launch, args.port)
+        model, tokenizer = model or launched, tokenizer or source
         url = f"http://127.0.0.1:{args.port}"
-    if not url or not model:
-        sys.exit("give --url and --model, or --launch CONFIG")
-    wait_healthy(url)
-    prompt = " ".join(["benchmark"] * args.prompt_words)
-    asyncio.run(run_level(url, model, 1, 2, prompt, args.max_tokens))  # warm-up
+    if not url or not model or not tokenizer:
+        sys.exit("give --url, --model and --tokenizer, or --launch CONFIG")
+    wait_healthy(url, 900)
     levels = []
-    for c in (int(x) for x in args.concurrency.split(",")):
-        lv = asyncio.run(run_level(url, model, c, max(args.requests, c), prompt, args.max_tokens))
-        print(f"c={c:3d}  {lv['output_tok_per_s']:8.1f} tok/s  TTFT p50 {lv['ttft_p50_s']*1000:7.1f} ms "
-              f"p99 {lv['ttft_p99_s']*1000:7.1f} ms  TPOT p50 {lv['tpot_p50_s']*1000:6.1f} ms "
-              f"p99 {lv['tpot_p99_s']*1000:6.1f} ms  failed {lv['failed']}", flush=True)
-        levels.append(lv)
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_serve(url, model, tokenizer, "random", 1, 2, Path(tmp), args.input_len, args.max_tokens)  # warm-up
+        for c in (int(x) for x in args.concurrency.split(",")):
+            lv = as_level(bench_serve(url, model, tokenizer, "random", c, max(args.requests, c), Path(tmp),
+                                      args.input_len, args.max_tokens))
+            if "error" in lv:
+                sys.exit(f"vllm bench serve at c={c} failed: {lv['error']}")
+            print(f"c={c:3d}  {lv['output_tok_per_s']:8.1f} tok/s  TTFT p50 {lv['ttft_p50_s']*1000:7.1f} ms "
+                  f"p99 {lv['ttft_p99_s']*1000:7.1f} ms  TPOT p50 {lv['tpot_p50_s']*1000:6.1f} ms "
+                  f"p99 {lv['tpot_p99_s']*1000:6.1f} ms  failed {lv['failed']}", flush=True)
+            levels.append(lv)
     import ray
     import vllm
 
     result = {
+        **provenance(),
+        "client": "vllm bench serve --backend openai-chat --dataset-name random --ignore-eos",
         "model": model, "url": url, "label": args.label, "max_tokens": args.max_tokens,
-        "prompt_words": args.prompt_words, "requests_per_level": args.requests,
+        "input_len": args.input_len, "requests_per_level": args.requests,
         "host": {"machine": platform.machine(), "processor": platform.processor(), "node": platform.node(),
                  "cpus": __import__("os").cpu_count()},
         "versions": {"vllm": vllm.__version__, "ray": ray.__version__, "python": platform.python_version()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "levels": levels,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Sets up everything the test suite needs, then runs it (CPU only; GPU tests
-# are marked `gpu` and run on GPU hosts with `pytest -m gpu`).
+# Sets up everything the test suite needs, then runs it (CPU only). The GPU tests
+# (tests/test_gpu.py, marker `gpu`) run on a GPU machine with the stack installed
+# or staged (benchmarks/gpu/README.md: `source benchmarks/gpu/run_served.sh --env-only`):
+#   FLEETSERVE_GPU_RESULTS=DIR python3 -m pytest -m gpu -v -rs
+# Without a CUDA GPU / a CUDA build of vLLM they are skipped with the reason.
 #   bash scripts/test.sh               # whole CPU suite (as root: emulated hosts too)
 #   bash scripts/test.sh -m "not slow" # fast unit tests only
 #   bash scripts/test.sh -m soak       # the long scaling/fault soak (tests/test_scaling.py)

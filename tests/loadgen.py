@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+
+from waiting import wait_for
 
 #: No request may wait longer than this; a timeout counts and fails the tests.
 CLIENT_TIMEOUT_S = 60.0
@@ -56,6 +57,16 @@ class Load:
         with self._lock:
             out, self.counts = self.counts, Counts()
         return out
+
+    def wait_served(self, n: int, timeout: float = 120) -> float:
+        """Wait until ``n`` more requests have succeeded from now on: load really flowed, whatever its pace.
+
+        The window is not reset. Stands where a test would otherwise sleep "long enough for some traffic".
+        """
+        with self._lock:
+            target = self.counts.succeeded + n
+        return wait_for(lambda: self.counts.succeeded >= target, timeout, f"{n} more requests served under load",
+                        poll=0.2, state=lambda: f"window so far: {self.counts}")
 
     def _bump(self, **kw: float) -> None:
         with self._lock:
@@ -136,24 +147,6 @@ def add(*windows: Counts) -> Counts:
         for k, v in w.errors.items():
             total.errors[k] = total.errors.get(k, 0) + v
     return total
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str, poll: float = 1.0,
-             state: Callable[[], object] = lambda: "") -> float:
-    """Poll ``pred`` until true; return the seconds it took. On timeout, say ``what`` and ``state()``.
-
-    An HTTP error while polling (a dashboard or controller busy for a moment) counts as not yet.
-    """
-    t0 = time.monotonic()
-    while True:
-        try:
-            if pred():
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f}s; {state()}")
-        time.sleep(poll)
 
 
 def ingress_counters(base_url: str) -> dict[str, int]:

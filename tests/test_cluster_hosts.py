@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import cli, host_emulator, three_hosts  # noqa: E402,F401
+from waiting import wait_for  # noqa: E402
 
 from cluster.fleet.hostfile import load_hostfile  # noqa: E402
 from cluster.commands.cluster_cmds import cluster_status, open_cluster  # noqa: E402
@@ -46,13 +47,8 @@ def ray_pids(emu: HostEmulator, index: int) -> set[int]:
 
 
 def wait_no_ray(emu: HostEmulator, indices: list[int], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(ray_running(emu, i) for i in indices):
-            return
-        time.sleep(0.5)
-    left = {i: ray_running(emu, i) for i in indices if ray_running(emu, i)}
-    raise AssertionError(f"Ray still running after a failed up: {left}")
+    wait_for(lambda: not any(ray_running(emu, i) for i in indices), timeout, "no Ray left on the hosts",
+             poll=0.5, state=lambda: {i: ray_running(emu, i) for i in indices if ray_running(emu, i)})
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +171,7 @@ def cluster3(three_hosts: HostEmulator, state_dir: Path, tmp_path_factory: pytes
         yield hf, summary
     finally:
         cli("down", str(hf), state=state_dir)
-        for i in list(three_hosts.hosts):
-            assert not ray_running(three_hosts, i) or time.sleep(5) or not ray_running(three_hosts, i)
+        wait_no_ray(three_hosts, list(three_hosts.hosts), timeout=10)
 
 
 def test_up_started_all_three(cluster3, three_hosts: HostEmulator) -> None:

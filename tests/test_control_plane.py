@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import cli, host_emulator, three_hosts  # noqa: E402,F401
+from waiting import wait_for  # noqa: E402
 
 from cluster.fleet.hostfile import load_hostfile  # noqa: E402
 from cluster.fleet.bringup import RayCluster  # noqa: E402
@@ -52,14 +53,6 @@ def ray_procs(emu: HostEmulator, index: int) -> list[str]:
     return [n for n in emu.hosts[index].process_names() if n in ("raylet", "gcs_server", "ray") or n.startswith("ray::")]
 
 
-def wait_until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout:g}s: {what}")
 
 
 def status(hf: Path, state: Path) -> tuple[int, dict]:
@@ -240,7 +233,10 @@ def test_host_cut_off_during_ray_start(cluster, three_hosts: HostEmulator, state
         assert code != 0 and st["extra"] == ["10.203.0.15"], st
         with RayCluster(load_hostfile(hf5), state_dir=state) as rc5:
             assert rc5.stop_host(rc5.config.hosts[3]).ok
-        code, st = wait_until(lambda: (lambda s: s if s[0] == 0 else None)(status(hf, state)), 20, "healthy again")
+        seen: list[tuple[int, dict]] = []
+        wait_for(lambda: seen.append(status(hf, state)) or seen[-1][0] == 0, 20, "status healthy again", poll=0.5,
+                 state=lambda: seen[-1] if seen else None)
+        code, st = seen[-1]
         assert st["healthy"]
     finally:
         three_hosts.remove_host(5)

@@ -22,6 +22,8 @@ import httpx
 import pytest
 import yaml
 
+from waiting import wait_healthy
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,19 +120,7 @@ def app(tiny_model, ray_local):
     os.environ["FLEETSERVE_TEST_API_KEYS"] = f"other-key,{KEY}"
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(args), name="sec", route_prefix="/", blocking=False)
-    deadline = time.time() + 600
-    last = None
-    while time.time() < deadline:
-        try:
-            r = httpx.get(f"{BASE}/health", timeout=15)
-            if r.status_code == 200:
-                break
-            last = r.text
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(2)
-    else:
-        raise TimeoutError(f"app not healthy: {last}")
+    wait_healthy(BASE, 600)
     yield
     serve.delete("sec")
     serve.shutdown()

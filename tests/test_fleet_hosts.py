@@ -46,11 +46,13 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import cli, host_emulator  # noqa: E402,F401
-import loadgen  # noqa: E402
+import waiting  # noqa: E402
 from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add, ingress_counters  # noqa: E402
-from tinyqwen2 import tiny_args, tiny_qwen2, wait_healthy  # noqa: E402
+from tinyqwen2 import tiny_args, tiny_qwen2  # noqa: E402
+from waiting import wait_healthy  # noqa: E402
 
 from cluster.serving.status import fetch_serve_details  # noqa: E402
 
@@ -95,7 +97,7 @@ def running_on() -> list[str]:
 
 
 def wait_for(pred, timeout: float, what: str, poll: float = 1.0) -> float:
-    return loadgen.wait_for(pred, timeout, what, poll,
+    return waiting.wait_for(pred, timeout, what, poll,
                             state=lambda: f"replicas: {[(r['node_ip'], r['state']) for r in replicas()]}")
 
 
@@ -115,7 +117,9 @@ def record(name: str, counts: Counts | None = None, **extra: object) -> None:
     print(f"\n[{name}] {json.dumps(REPORT[name])}")
     path = os.environ.get("FLEETSERVE_FLEET_REPORT")
     if path:
-        Path(path).write_text(json.dumps(REPORT, indent=1))
+        from provenance import provenance
+
+        Path(path).write_text(json.dumps({**provenance(), **REPORT}, indent=1))
 
 
 def kill_raylet(emu: HostEmulator, index: int) -> int:
@@ -204,7 +208,7 @@ def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: Host
     with Load(BASE, MODEL, workers=2, max_tokens=24, pause_s=LIGHT_PAUSE_S) as load:
         # Serve wants a second replica and has no room for it: it waits, requests keep succeeding.
         wait_for(lambda: len(replicas()) == 2, 120, "Serve asks for a second replica")
-        time.sleep(5)
+        load.wait_served(3)  # requests keep flowing while the second replica has nowhere to go
         assert running_on() == [ip(2)]
         before = load.window()
         t_up = time.time()
@@ -224,7 +228,7 @@ def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: Host
 
         wait_for(h3_served, 120, "h3 serves", poll=2)
         t_first = served[0]
-        time.sleep(5)
+        load.wait_served(3)
         after = load.window()
     total = add(before, after)
     record("scale_out", total, seconds_up_to_node_joined=round(t_joined - t_up, 1),
@@ -240,13 +244,13 @@ def test_2_lost_host_with_a_second_replica_fails_no_request(fleet, three_hosts: 
     hf123, state = fleet["hf123"], fleet["state"]
     with Load(BASE, MODEL, workers=2, max_tokens=24, pause_s=LIGHT_PAUSE_S) as load:
         wait_for(lambda: running_on() == [ip(2), ip(3)], 60, "two replicas before the kill")
-        time.sleep(3)
+        load.wait_served(2)
         load.window()
         retried_before = ingress_counters(BASE)["retried"]
         kill_raylet(three_hosts, 3)
         took = wait_for(lambda: ip(3) not in {r["node_ip"] for r in replicas() if r["state"] == "RUNNING"},
                         300, "Serve drops the lost replica")
-        time.sleep(10)
+        load.wait_served(4)  # requests served by h2 alone after the drop
         during = load.window()
         retried_by_ingress = ingress_counters(BASE)["retried"] - retried_before
         t_up = time.time()
@@ -271,13 +275,13 @@ def test_4_drain_moves_the_replica_without_failing_requests(fleet, three_hosts: 
     drained = str(STATE["replica_host"])
     other = ip(3) if drained == ip(2) else ip(2)
     with Load(BASE, MODEL, workers=1, max_tokens=24, pause_s=IDLE_PAUSE_S) as load:
-        time.sleep(3)
+        load.wait_served(1)
         t0 = time.time()
         r = cli("drain", drained, str(hf123), "--timeout", "600", state=state, timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr
         seconds = time.time() - t0
         assert running_on() == [other]
-        time.sleep(3)
+        load.wait_served(1)  # at least one request answered after the move, by the other host
         counts = load.window()
     record("drain", counts, host=drained, seconds=round(seconds, 1), replica_now_on=other)
     # Every request in flight finished: nothing failed, nothing had to be retried by the client.
@@ -295,7 +299,7 @@ def test_5_lost_host_costs_seconds_not_an_outage(fleet, three_hosts: HostEmulato
     lost = str(STATE["replica_host"])
     spare = ip(3) if lost == ip(2) else ip(2)
     with Load(BASE, MODEL, workers=1, max_tokens=24, pause_s=IDLE_PAUSE_S) as load:
-        time.sleep(5)
+        load.wait_served(1)
         load.window()
         t_kill = time.time()
         kill_raylet(three_hosts, int(lost[-1]))
@@ -303,7 +307,7 @@ def test_5_lost_host_costs_seconds_not_an_outage(fleet, three_hosts: HostEmulato
         wait_healthy(BASE, 120)
         t_recovered = time.time()
         during = load.window()
-        time.sleep(10)
+        load.wait_served(3)
         after = load.window()
     events = [(round(t - t_kill, 2), s) for t, s in load.events if t >= t_kill]
     failed_at = [t for t, s in events if s != 200]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tinyqwen2 import local_ray
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -74,17 +74,14 @@ def _deploy(name: str, spec: dict) -> None:
 def _wait(names: list[str], timeout: float) -> None:
     from ray import serve
 
-    deadline = time.time() + timeout
-    status = None
-    while time.time() < deadline:
+    def all_running() -> bool:
         status = serve.status().applications
         states = {n: status[n].status for n in names if n in status}
         if any(s in ("DEPLOY_FAILED", "UNHEALTHY") for s in states.values()):
             raise AssertionError(f"deploy failed: {status}")
-        if len(states) == len(names) and all(s == "RUNNING" for s in states.values()):
-            return
-        time.sleep(3)
-    raise TimeoutError(f"apps not running after {timeout}s: {status}")
+        return len(states) == len(names) and all(s == "RUNNING" for s in states.values())
+
+    wait_for(all_running, timeout, f"apps {names} running", poll=3, state=lambda: serve.status().applications)
 
 
 def _vllm_tree(replica_marker: str) -> tuple[int, set[int]]:

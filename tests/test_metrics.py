@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
+from tinyqwen2 import local_ray, tiny_args, tiny_qwen2
+from waiting import wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -96,17 +97,19 @@ def scraped(app):
     # Each process exports on its own period (the proxy's request counters can lag the
     # engine's by many seconds), so wait for every series a test below looks at.
     wanted = dashboard_series() | {"ray_fleetserve_flaggems_ops", "ray_vllm_time_to_first_token_seconds_count"}
-    deadline = time.monotonic() + 180
-    while True:
-        samples = scrape()
+    seen: dict = {}
+
+    def exported() -> bool:
+        seen["samples"] = samples = scrape()
         gen = [s for s in samples.get("ray_vllm_generation_tokens_total", []) if s.labels.get("model_name") == MODEL]
-        missing = sorted(n for n in wanted if n not in samples and f"{n}_count" not in samples)
-        if gen and sum(s.value for s in gen) >= 5 * 16 and not missing:
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"series not exported in time: missing {missing}; generation tokens for "
-                                 f"{MODEL}: {sum(s.value for s in gen)} (want >= {5 * 16})")
-        time.sleep(3)
+        seen["missing"] = missing = sorted(n for n in wanted if n not in samples and f"{n}_count" not in samples)
+        seen["tokens"] = sum(s.value for s in gen)
+        return bool(gen) and seen["tokens"] >= 5 * 16 and not missing
+
+    wait_for(exported, 180, "every series exported", poll=3,
+             state=lambda: f"missing {seen.get('missing')}; generation tokens for {MODEL}: {seen.get('tokens')} "
+                           f"(want >= {5 * 16})")
+    return seen["samples"]
 
 
 def dashboard_series() -> set[str]:
@@ -212,13 +215,15 @@ def test_engine_gauges_under_load_and_while_idle(scraped):
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            gauges, row = engine_gauges(replica), llm_row()
-            if (gauges["running"] or 0) >= 1 and (gauges["kv_cache"] or 0) > 0 and (row["running"] or 0) >= 1:
-                break
-            assert time.monotonic() < deadline, f"no busy engine seen under load: scrape {gauges}, status {row}"
-            time.sleep(1)
+        seen: dict = {}
+
+        def busy() -> bool:
+            seen["gauges"], seen["row"] = gauges, row = engine_gauges(replica), llm_row()
+            return (gauges["running"] or 0) >= 1 and (gauges["kv_cache"] or 0) > 0 and (row["running"] or 0) >= 1
+
+        wait_for(busy, 240, "a busy engine under load", state=lambda: f"scrape {seen.get('gauges')}, "
+                 f"status {seen.get('row')}")
+        gauges, row = seen["gauges"], seen["row"]
     finally:
         stop.set()
         for t in threads:
@@ -231,10 +236,8 @@ def test_engine_gauges_under_load_and_while_idle(scraped):
 
     # Idle: the engine's last step may be exported late, so wait for zeros first; then the series
     # must stay through more than Ray's gauge TTL (two export intervals), as an idle replica does.
-    deadline = time.monotonic() + 120
-    while engine_gauges(replica) != {"running": 0, "waiting": 0, "kv_cache": 0}:
-        assert time.monotonic() < deadline, f"engine not idle on the endpoint: {engine_gauges(replica)}"
-        time.sleep(1)
+    wait_for(lambda: engine_gauges(replica) == {"running": 0, "waiting": 0, "kv_cache": 0}, 120,
+             "engine idle on the endpoint", state=lambda: engine_gauges(replica))
     idle_for = 3 * max(ray._config.metrics_report_interval_ms(), 1000) / 1000
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < idle_for:
@@ -280,28 +283,24 @@ def test_prometheus_scrapes_the_cluster_through_rays_service_discovery(scraped, 
 
     # This cluster's own file (the /tmp/ray link is shared with any other Ray on this machine).
     sd = Path(ray._private.worker._global_node.get_session_dir_path()) / SERVICE_DISCOVERY_FILE
-    deadline = time.monotonic() + 60
-    while not (sd.is_file() and f":{METRICS_PORT}" in sd.read_text()):
-        assert time.monotonic() < deadline, f"the dashboard did not list the node in {sd}"
-        time.sleep(1)
+    wait_for(lambda: sd.is_file() and f":{METRICS_PORT}" in sd.read_text(), 60,
+             f"the dashboard listing the node in {sd}")
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("fleetserve")), "prometheus", "--sd-file", str(sd),
                              "--dir", str(tmp_path / "prom"), "--listen", f"127.0.0.1:{PROMETHEUS_PORT}",
                              "--scrape-interval", "2s"], stdout=log, stderr=subprocess.STDOUT)
     try:
         query = f'ray_vllm_generation_tokens_total{{model_name="{MODEL}"}}'
-        deadline = time.monotonic() + 120
         result: list = []
-        while not result:
+
+        def queryable() -> bool:
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, \
-                f"Prometheus has no {query}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}"
-            try:
-                r = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", params={"query": query}, timeout=5)
-                result = r.json()["data"]["result"] if r.status_code == 200 else []
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+            r = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", params={"query": query}, timeout=5)
+            result[:] = r.json()["data"]["result"] if r.status_code == 200 else []
+            return bool(result)
+
+        wait_for(queryable, 120, f"Prometheus answering {query}",
+                 state=lambda: (tmp_path / "prometheus.log").read_text()[-2000:])
         assert float(result[0]["value"][1]) > 0 and result[0]["metric"]["ReplicaId"] in _serve_replica_ids()
         # Every target came from Ray's file, and the node's endpoint is scraped.
         targets = httpx.get(f"{PROMETHEUS_URL}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]

@@ -70,17 +70,21 @@ def test_tiny_config_is_the_real_architecture(tiny_dir: Path) -> None:
 
 def test_tiny_weights_cover_every_parameter(tiny_dir: Path) -> None:
     """Every tensor the HF model class declares is in the checkpoint, under the published names."""
+    import math
+
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     with safe_open(str(tiny_dir / "model.safetensors"), "pt") as f:
         names = set(f.keys())
+        written = sum(math.prod(f.get_slice(n).get_shape()) for n in names)
     assert "model.embed_tokens.weight" in names and "visual.patch_embed.proj.weight" in names
     assert "visual.merger.mlp.2.weight" in names
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(tiny_dir))
-    assert sum(p.numel() for p in model.parameters()) > 0
+    # What make-model wrote is exactly what the config declares (tied weights counted once by both).
+    assert written == sum(p.numel() for p in model.parameters()), written
     loaded, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir, output_loading_info=True)
     assert not info["missing_keys"], info["missing_keys"]
     assert not info["unexpected_keys"], info["unexpected_keys"]
@@ -317,14 +321,17 @@ def test_minicpm_8b_config_only() -> None:
         path = make_model("minicpm_o_26", "8b", Path(d) / "8b")
         assert not list(path.glob("*.safetensors"))
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        raw = json.loads((path / "config.json").read_text())
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.intermediate_size, cfg.vocab_size) == (3584, 28, 28, 4, 18944, 151700)
     assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers, cfg.vision_config.image_size) == (
         1152, 27, 980)
     assert (cfg.audio_config.d_model, cfg.audio_config.encoder_layers) == (1024, 24)
+    # The language model as the written config.json describes it (MiniCPM-o's LLM is a Qwen2).
+    text_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "tie_word_embeddings")
     with torch.device("meta"):
-        llm = Qwen2ForCausalLM(Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                           num_attention_heads=28, num_key_value_heads=4, vocab_size=151700))
+        llm = Qwen2ForCausalLM(Qwen2Config(**{k: raw[k] for k in text_keys if k in raw}))
     assert 7.5e9 < sum(p.numel() for p in llm.parameters()) < 7.7e9
 
 

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import httpx
 import pytest
 
-import loadgen
+import waiting
 from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add, ingress_counters
-from tinyqwen2 import local_ray, tiny_args, tiny_qwen2, wait_healthy
+from tinyqwen2 import local_ray, tiny_args, tiny_qwen2
+from waiting import wait_healthy
 
 # A soak run (about 15 min on 2 cores): not in the default run, whose
 # tests/test_fleet_hosts.py covers scale-up, scale-down and losing the last
@@ -56,7 +59,7 @@ def running() -> list[dict]:
 
 
 def wait_for(pred, timeout: float, what: str) -> float:
-    return loadgen.wait_for(pred, timeout, what, poll=2.0,
+    return waiting.wait_for(pred, timeout, what, poll=2.0,
                             state=lambda: f"replicas: {[(r['replica_id'], r['state']) for r in llm_replicas()]}")
 
 
@@ -65,8 +68,11 @@ def record(name: str, counts: Counts, **extra: object) -> None:
     print(f"\n[{name}] {json.dumps(REPORT[name])}")
     path = os.environ.get("FLEETSERVE_SCALE_REPORT")
     if path:
+        sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+        from provenance import provenance
+
         with open(path, "w") as fh:
-            json.dump(REPORT, fh, indent=1)
+            json.dump({**provenance(), **REPORT}, fh, indent=1)
 
 
 def kill_replica(replica: dict) -> None:
@@ -103,7 +109,7 @@ def test_1_scales_up_under_load(app):
     assert len(running()) == 1
     with Load(BASE, MODEL, workers=4) as load:
         took = wait_for(lambda: len(running()) == 2, 900, "second replica under load")
-        time.sleep(10)  # both replicas take traffic
+        load.wait_served(8)  # requests keep succeeding with both replicas up
         counts = load.window()
     record("scale_up", counts, seconds_to_second_replica=round(took, 1))
     assert counts.succeeded > 0 and counts.failed == 0 and counts.timeouts == 0
@@ -116,7 +122,7 @@ def test_2_killed_replica_is_restarted_while_the_other_serves(app):
     assert len(replicas) == 2
     victim, survivor = replicas
     with Load(BASE, MODEL, workers=4) as load:
-        time.sleep(5)
+        load.wait_served(4)
         load.window()
         t_kill = time.monotonic()
         kill_replica(victim)
@@ -151,8 +157,9 @@ def test_4_no_live_replica_gives_503_with_retry_after_not_a_hang(app):
     (only,) = running()
     kill_replica(only)
     codes, latencies, retry_after = [], [], []
-    t_end = time.monotonic() + 20
-    while time.monotonic() < t_end:
+
+    def probe() -> int:
+        """One request; its status, latency and Retry-After recorded."""
         t0 = time.monotonic()
         r = httpx.post(f"{BASE}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S,
                        json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "the a"}]})
@@ -161,7 +168,12 @@ def test_4_no_live_replica_gives_503_with_retry_after_not_a_hang(app):
         if r.status_code == 503:
             retry_after.append(r.headers.get("retry-after"))
             assert "no replica" in r.json()["error"]["message"]
-        time.sleep(0.5)
+        return r.status_code
+
+    # Probe until the ingress has answered 503 three times (or 40 probes, ~20 s, if Serve restarts the
+    # replica sooner); the asserts below say whether 503s came, at once and with Retry-After.
+    waiting.wait_for(lambda: probe() == 503 and codes.count(503) >= 3 or len(codes) >= 40, 120,
+                     "503s while no replica is alive", poll=0.5, state=lambda: codes)
     REPORT["no_replica"] = {"codes": {str(c): codes.count(c) for c in set(codes)},
                             "max_latency_s": round(max(latencies), 2)}
     print(f"\n[no_replica] {REPORT['no_replica']}")

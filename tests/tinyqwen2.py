@@ -11,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 MODEL_CACHE = Path(os.environ.get("FLEETSERVE_TEST_MODELS", Path.home() / ".cache/fleetserve/test-models"))
 CHAT_TEMPLATE = (
@@ -105,22 +102,6 @@ def tiny_args(model_dir: Path, served_name: str = "tiny-text", **overrides: Any)
     }
     args.update(overrides)
     return args
-
-
-def wait_healthy(base: str, timeout: float) -> float:
-    """Poll ``/health`` until 200; return the seconds it took."""
-    t0 = time.monotonic()
-    last = None
-    while time.monotonic() - t0 < timeout:
-        try:
-            r = httpx.get(f"{base}/health", timeout=15)
-            if r.status_code == 200:
-                return time.monotonic() - t0
-            last = r.text[:500]
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(2)
-    raise TimeoutError(f"{base} not healthy after {timeout}s: {last}")
 
 
 @contextlib.contextmanager

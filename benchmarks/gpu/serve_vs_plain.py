@@ -37,6 +37,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import command_line, provenance  # noqa: E402
+from vllm_bench import bench_serve  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_FILE = ROOT / "deployments" / "qwen25_vl.yaml"
 PORT = 9010
@@ -44,23 +47,6 @@ PORT = 9010
 #: (dataset, concurrency, prompts): text 512 in / 128 out, and 2 images of 448x448 per request.
 LOADS = [("random", 1, 16), ("random", 16, 128), ("random", 64, 256), ("random", 128, 512),
          ("random", 256, 512), ("random-mm", 16, 64)]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FLEETSERVE_COMMIT", "unknown")
-
-
-def device() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
-        return f"{len(out)} x {out[0]}" if out else "no GPU"
-    except OSError:
-        return "no GPU"
 
 
 def resolved_spec(config: Path, overrides: list[str], model_dir: str):
@@ -108,33 +94,9 @@ def wait_health(url: str, proc: subprocess.Popen, deadline: float) -> float | No
 
 
 def bench(base: str, spec, dataset: str, concurrency: int, prompts: int, workdir: Path) -> dict[str, Any]:
-    name = f"{dataset}_c{concurrency}"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
-           "--endpoint", "/v1/chat/completions", "--base-url", base, "--model", spec.served_name,
-           "--tokenizer", spec.model.source, "--dataset-name", dataset, "--num-prompts", str(prompts),
-           "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0", "--save-result",
-           "--result-dir", str(workdir), "--result-filename", f"{name}.json", "--percentile-metrics",
-           "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
-    if dataset == "random":
-        cmd += ["--random-input-len", "512", "--random-output-len", "128"]
-    else:
-        cmd += ["--random-input-len", "128", "--random-output-len", "128",
-                "--random-mm-base-items-per-request", "2", "--random-mm-num-mm-items-range-ratio", "0",
-                "--random-mm-limit-mm-per-prompt", '{"image": 2, "video": 0}',
-                "--random-mm-bucket-config", "{(448, 448, 1): 1.0}"]
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    out: dict[str, Any] = {"load": name, "dataset": dataset, "concurrency": concurrency, "prompts": prompts,
-                           "seconds": round(time.monotonic() - t0, 1)}
-    path = workdir / f"{name}.json"
-    if r.returncode != 0 or not path.exists():
-        out["error"] = (r.stderr or r.stdout)[-1500:]
-        return out
-    res = json.loads(path.read_text())
-    for key in ("completed", "failed", "output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms",
-                "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "median_e2el_ms"):
-        out[key] = res.get(key)
-    return out
+    """One load through the shared client (benchmarks/vllm_bench.py: ``vllm bench serve``)."""
+    return bench_serve(base, spec.served_name, spec.model.source, dataset, concurrency, prompts, workdir,
+                       input_len=512 if dataset == "random" else 128, output_len=128)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -151,8 +113,8 @@ def run(args: argparse.Namespace) -> None:
         cmd = plain_command(spec, PORT)
         health = f"http://127.0.0.1:{PORT}/health"
     result: dict[str, Any] = {
-        "phase": args.phase, "commit": git_commit(), "device": device(), "host": platform.node(),
-        "command": " ".join(c if c != os.environ.get("OPENAI_API_KEY") else "<key>" for c in cmd), "file": str(args.file.relative_to(ROOT)), "overrides": args.set,
+        "phase": args.phase, **provenance(), "host": platform.node(),
+        "server_command": " ".join(c if c != os.environ.get("OPENAI_API_KEY") else "<key>" for c in cmd), "file": str(args.file.relative_to(ROOT)), "overrides": args.set,
         "model": spec.served_name, "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size, "flaggems": spec.flaggems.enabled,
         "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("RAY_SERVE", "RAYLLM"))},
@@ -211,12 +173,14 @@ def report(args: argparse.Namespace) -> None:
         "what": "fleetserve serve vs plain vllm serve, same engine flags, client vllm bench serve (openai-chat, "
                 "--ignore-eos); random = 512 in / 128 out, random-mm = 2 images 448x448 + 128 in / 128 out",
         "commit": (serve or plain or {}).get("commit"), "device": (serve or plain or {}).get("device"),
-        "commands": {p: r.get("command") for p, r in runs.items()},
+        "commands": {p: r.get("server_command", r.get("command")) for p, r in runs.items()},
+        "run_commands": {p: r.get("command") for p, r in runs.items() if "server_command" in r},
+        "report_command": command_line(),
         "ready_s": {p: r.get("ready_s") for p, r in runs.items()},
         "rows": rows, "runs": runs, "not_run": args.not_run, "note": args.note,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     print("| load | plain vLLM tok/s | fleetserve tok/s | ratio | TTFT p50 plain / fleetserve (ms) | "
           "TPOT p50 plain / fleetserve (ms) |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -245,7 +209,7 @@ def report(args: argparse.Namespace) -> None:
     ax.set_title(f"{out['device']} @ {str(out['commit'])[:8]}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
+    fig.savefig(args.results_dir / f"{args.name}.png", dpi=120)
 
 
 def main() -> None:
@@ -262,6 +226,7 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("results", nargs="+")
     p.add_argument("--name", required=True)
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where NAME.json and NAME.png go")
     p.add_argument("--not-run", action="append", default=[])
     p.add_argument("--note", default="")
     args = parser.parse_args()

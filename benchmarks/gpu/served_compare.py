@@ -18,8 +18,8 @@ Phases (one Serve app at a time; each is deployed, used, deleted):
 Each phase records the startup time (deploy -> ``/health`` 200), the peak GPU
 memory (NVML, whole device), ``/health``'s FlagGems report, one text and one
 image (PNG data URL) chat request, and -- for the qwen phases -- the serving
-benchmark of ``benchmarks/bench_serving.py`` (its ``run_level``: streaming chat
-at fixed concurrency, TTFT/TPOT from the stream, tokens from ``usage``).
+benchmark through ``vllm bench serve`` (benchmarks/vllm_bench.py: random prompts
+at fixed concurrency, ``--ignore-eos``; TTFT/TPOT/throughput as vLLM measures them).
 
     # on the GPU machine (see benchmarks/gpu/run_served.sh)
     python3 benchmarks/gpu/served_compare.py run --out $OUT/served.json --deadline-s 540
@@ -31,7 +31,6 @@ at fixed concurrency, TTFT/TPOT from the stream, tokens from ``usage``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
@@ -48,6 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import command_line, provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QWEN_YAML = ROOT / "deployments" / "qwen25_vl.yaml"
@@ -56,7 +56,7 @@ MINICPM_YAML = ROOT / "deployments" / "minicpm_o_26.yaml"
 #: (concurrency, requests) per level: few requests where each takes long (c=1).
 LEVELS = ((1, 8), (16, 64), (64, 128))
 MAX_TOKENS = 128
-PROMPT_WORDS = 64
+INPUT_LEN = 64  # random prompt tokens per request
 
 PHASES: dict[str, dict[str, Any]] = {
     "stock": {"deployment": "qwen", "flaggems": None, "bench": True},
@@ -202,22 +202,28 @@ def validate(url: str, model: str) -> dict[str, Any]:
     return out
 
 
-def bench(url: str, model: str, deadline: float) -> list[dict[str, Any]]:
-    from bench_serving import run_level
+def bench(url: str, model: str, tokenizer: str, deadline: float) -> list[dict[str, Any]]:
+    """The serving benchmark through the shared client (benchmarks/vllm_bench.py: ``vllm bench serve``)."""
+    import tempfile
 
-    prompt = " ".join(["benchmark"] * PROMPT_WORDS)
-    asyncio.run(run_level(url, model, 1, 2, prompt, MAX_TOKENS))  # warm-up, as bench_serving does
-    asyncio.run(run_level(url, model, 16, 16, prompt, 16))
+    from vllm_bench import as_level, bench_serve
+
     levels = []
-    for c, n in LEVELS:
-        if time.monotonic() > deadline - 20:
-            print(f"  c={c}: skipped, the call's deadline is near", flush=True)
-            levels.append({"concurrency": c, "requests": n, "skipped": "not run: call deadline"})
-            continue
-        lv = asyncio.run(run_level(url, model, c, n, prompt, MAX_TOKENS))
-        print(f"  c={c:3d} n={n:3d}  {lv['output_tok_per_s']:8.1f} tok/s  TTFT p50 {lv['ttft_p50_s']*1000:7.1f} ms  "
-              f"TPOT p50 {lv['tpot_p50_s']*1000:6.2f} ms  failed {lv['failed']}", flush=True)
-        levels.append(lv)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Warm-up (compile, first requests), not recorded.
+        bench_serve(url, model, tokenizer, "random", 16, 16, Path(tmp), input_len=INPUT_LEN, output_len=16)
+        for c, n in LEVELS:
+            if time.monotonic() > deadline - 20:
+                print(f"  c={c}: skipped, the call's deadline is near", flush=True)
+                levels.append({"concurrency": c, "requests": n, "skipped": "not run: call deadline"})
+                continue
+            lv = as_level(bench_serve(url, model, tokenizer, "random", c, n, Path(tmp), input_len=INPUT_LEN,
+                                      output_len=MAX_TOKENS))
+            if "error" in lv:
+                raise RuntimeError(f"vllm bench serve at c={c}: {lv['error']}")
+            print(f"  c={c:3d} n={n:3d}  {lv['output_tok_per_s']:8.1f} tok/s  TTFT p50 {lv['ttft_p50_s']*1000:7.1f} ms  "
+                  f"TPOT p50 {lv['tpot_p50_s']*1000:6.2f} ms  failed {lv['failed']}", flush=True)
+            levels.append(lv)
     return levels
 
 
@@ -342,7 +348,7 @@ def run_phase(phase: str, model_dirs: dict[str, str], ray_accel: list[str], mem:
               flush=True)
         if PHASES[phase]["bench"]:
             try:
-                rec["levels"] = bench(url, served, phase_deadline)
+                rec["levels"] = bench(url, served, str(args["model"]["source"]), phase_deadline)
             except Exception as exc:
                 rec["bench_error"] = f"{type(exc).__name__}: {exc}"
         rec["peak_gpu_mem_gib"] = round(mem.peak / 2**30, 2)
@@ -371,12 +377,13 @@ def cmd_run(a: argparse.Namespace) -> None:
     log_path = out.with_name("ray_logs.txt")
     mem = GpuMemSampler()
     result: dict[str, Any] = {
+        **provenance(),  # its device line is replaced by NVML's record just below
         "device": mem.device(), "versions": versions(), "host": {"cpus": os.cpu_count(), "node": platform.node()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "workload": {"levels": [{"concurrency": c, "requests": n} for c, n in LEVELS], "max_tokens": MAX_TOKENS,
-                     "prompt_words": PROMPT_WORDS, "ignore_eos": True, "stream": True,
-                     "driver": "benchmarks/bench_serving.py run_level"},
-        "git": _git(), "phases": {},
+                     "input_len": INPUT_LEN, "ignore_eos": True, "dataset": "random",
+                     "driver": "vllm bench serve --backend openai-chat (benchmarks/vllm_bench.py)"},
+        "phases": {},
     }
 
     def save() -> None:
@@ -416,15 +423,6 @@ def cmd_run(a: argparse.Namespace) -> None:
     print(f"done in {result['elapsed_s']} s", flush=True)
 
 
-def _git() -> dict[str, Any]:
-    def g(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return ""
-    return {"head": g("rev-parse", "HEAD"), "dirty": g("status", "--short", "--untracked-files=no")}
-
-
 # -- report (here, from what came back) -------------------------------------------------------------
 BENCH_MODES = ("stock", "gems_compiled", "gems_eager")
 NOT_RUN_32B = "not run: needs ≥2 GPUs (only 1-GPU kinds lent)"
@@ -460,7 +458,8 @@ def cmd_report(a: argparse.Namespace) -> None:
         name, _, why = item.partition("=")
         if not (phases.get(name) or {}).get("started"):
             phases[name] = {"phase": name, "skipped": why}
-    common = {k: raw.get(k) for k in ("device", "versions", "host", "time", "git", "runs")}
+    common = {k: raw.get(k) for k in ("commit", "command", "device", "versions", "host", "time", "runs")}
+    common["report_command"] = command_line()
     modes: dict[str, Any] = {}
     for m in BENCH_MODES:
         p = phases.get(m)
@@ -496,7 +495,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     bench_out = {
         "what": "Served endpoint (Ray Serve + ray.serve.llm + vLLM through cluster.serving.app:build_app), "
                 "Qwen2.5-VL-7B architecture with load_format dummy, TP=1, deployments/qwen25_vl.yaml's args "
-                "with overrides; streaming chat driven by benchmarks/bench_serving.py run_level",
+                "with overrides (workload.driver: the client that measured)",
         **common, "workload": raw.get("workload"),
         "spec": {"file": stock.get("spec", {}).get("file"), "overrides": stock.get("spec", {}).get("overrides"),
                  "engine_args": (stock.get("args") or {}).get("engine_args"),

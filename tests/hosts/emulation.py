@@ -38,9 +38,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from waiting import wait_for
 
 BRIDGE = "fsbr0"
 SUBNET = "10.203.0"  # /24; .1 is the bridge (this machine), host N is .(10+N)
@@ -234,16 +235,16 @@ class HostEmulator:
         return host
 
     def _wait_for_ssh(self, host: EmulatedHost, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening() -> bool:
             if not host.alive():
                 raise RuntimeError(f"sshd for {host.name} exited: {(host.dir / 'sshd.log').read_text()[-2000:]}")
             try:
                 with socket.create_connection((host.ip, 22), timeout=1):
-                    return
+                    return True
             except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"sshd for {host.name} not reachable at {host.ip}:22 after {timeout}s")
+                return False
+
+        wait_for(listening, timeout, f"sshd for {host.name} reachable at {host.ip}:22", poll=0.1)
 
     def write_known_hosts(self) -> None:
         self.known_hosts.write_text("".join(h.host_key_line() + "\n" for h in self.hosts.values()))
@@ -277,19 +278,18 @@ class HostEmulator:
     def _cleanup_host_leftovers(self, host: EmulatedHost, timeout: float = 15.0) -> None:
         """Kill every process of the host (by namespace), wait until they are gone, remove veth and netns."""
         ids = {**host.recorded_ns, **host.namespace_ids()}
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def all_gone() -> bool:
             left = namespace_pids(ids)
-            if not left:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{host.name}: processes {sorted(left)} survived SIGKILL for {timeout}s")
-            for pid in left:
+            for pid in left:  # again each round: a process may have forked since the last one
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            time.sleep(0.05)
+            return not left
+
+        wait_for(all_gone, timeout, f"{host.name}: every process gone after SIGKILL", poll=0.05,
+                 state=lambda: f"left: {sorted(namespace_pids(ids))}")
         if host.proc is not None:
             host.proc.wait(timeout=timeout)  # reap unshare
         _run("ip", "link", "del", host.veth, check=False)

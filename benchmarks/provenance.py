@@ -1,0 +1,72 @@
+"""Where a result came from: git commit, device, command line and time, for every JSON in benchmarks/results.
+
+Every script (and test) that writes a result file puts :func:`provenance` at its
+top, so a figure can always be traced to the code and the machine that made it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """The checked-out commit (``-dirty`` when tracked files differ from it).
+
+    On a device machine no ``.git`` travels with the tree: there the caller sets
+    ``FLEETSERVE_COMMIT`` (``git rev-parse HEAD`` where the run was started).
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--verify", "HEAD")
+        if re.fullmatch(r"[0-9a-f]{40}", head):
+            return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("FLEETSERVE_COMMIT") or "unknown"
+
+
+def device() -> str:
+    """The GPUs as ``N x NAME, MEM`` (nvidia-smi), else the CPU and its core count."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        if out:
+            return f"{len(out)} x {out[0]}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, no GPU"
+
+
+def command_line() -> str:
+    """The command that ran, as one shell line (the interpreter, the script or ``-m`` module, its arguments)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("pytest/__main__.py"):  # python -m pytest ...
+        argv[0] = "-m pytest"
+        return f"{shlex.quote(sys.executable)} {argv[0]} {shlex.join(argv[1:])}".rstrip()
+    return shlex.join([sys.executable, *argv])
+
+
+def provenance() -> dict[str, str]:
+    """The fields every result JSON starts with."""
+    return {"commit": git_commit(), "device": device(), "command": command_line(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

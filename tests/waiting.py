@@ -1,0 +1,50 @@
+"""The one way tests wait: poll a condition until it holds or a deadline passes.
+
+Every test (and the benchmarks) waits through :func:`wait_for`, so a wait that
+times out always says what it waited for and the state it last saw, and no
+test stands a ``time.sleep`` in for a condition.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str, poll: float = 1.0,
+             state: Callable[[], object] = lambda: "") -> float:
+    """Poll ``pred`` until it returns something true; return the seconds it took.
+
+    On timeout raise ``TimeoutError`` naming ``what`` and ``state()`` (the last
+    thing seen, for the failure message). An HTTP error while polling (an
+    endpoint not up yet, a dashboard or controller busy for a moment) counts
+    as not yet.
+    """
+    t0 = time.monotonic()
+    while True:
+        try:
+            if pred():
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s; {state()}")
+        time.sleep(poll)
+
+
+def wait_healthy(base: str, timeout: float, poll: float = 2.0) -> float:
+    """Wait until ``{base}/health`` answers 200; return the seconds it took."""
+    last: list[str] = [""]
+
+    def healthy() -> bool:
+        try:
+            r = httpx.get(f"{base}/health", timeout=15)
+        except httpx.HTTPError as exc:
+            last[0] = repr(exc)
+            return False
+        last[0] = r.text[:500]
+        return r.status_code == 200
+
+    return wait_for(healthy, timeout, f"{base}/health answering 200", poll=poll, state=lambda: last[0])
