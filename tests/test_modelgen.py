@@ -193,7 +193,7 @@ def test_cli_make_model(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "config.json").exists()
     res = CliRunner().invoke(app, ["make-model", "--arch", "nope", "--size", "7b", "--out", str(tmp_path / "n")])
-    assert res.exit_code == 2 and "unknown --arch" in res.output
+    assert res.exit_code == 1 and "unknown --arch" in res.output
 
 
 VLLM_SCRIPT = textwrap.dedent("""

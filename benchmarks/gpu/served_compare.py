@@ -36,7 +36,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
