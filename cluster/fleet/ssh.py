@@ -257,25 +257,29 @@ class SSHPool:
             for line in lines:
                 on_line(stream, line.decode(errors="replace"))
 
+        def read_stdout() -> None:
+            nonlocal out
+            data = chan.recv(65536)
+            out += data
+            feed("stdout", data)
+
+        def read_stderr() -> None:
+            nonlocal err
+            data = chan.recv_stderr(65536)
+            err += data
+            feed("stderr", data)
+
         while True:
             if chan.recv_ready():
-                data = chan.recv(65536)
-                out += data
-                feed("stdout", data)
+                read_stdout()
             elif chan.recv_stderr_ready():
-                data = chan.recv_stderr(65536)
-                err += data
-                feed("stderr", data)
+                read_stderr()
             elif chan.exit_status_ready():
                 # drain what arrived with the exit status
                 while chan.recv_ready():
-                    data = chan.recv(65536)
-                    out += data
-                    feed("stdout", data)
+                    read_stdout()
                 while chan.recv_stderr_ready():
-                    data = chan.recv_stderr(65536)
-                    err += data
-                    feed("stderr", data)
+                    read_stderr()
                 break
             elif time.monotonic() > deadline:
                 chan.close()
