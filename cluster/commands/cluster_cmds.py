@@ -138,10 +138,18 @@ def down(hostfile: OptHostfileArg = None) -> None:
 def status(
     hostfile: OptHostfileArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    address: Annotated[Optional[str], typer.Option(
+        help="Look at a Ray cluster without a hostfile (e.g. the head `fleetserve serve` started here).")] = None,
 ) -> None:
     """Nodes, GPUs, health, Serve applications and the dashboard URL."""
-    from cluster.fleet.state import resolve_hostfile
+    from cluster.commands.serve_launch import local_head_address
+    from cluster.fleet.state import resolve_hostfile, state_file
 
+    if address is None and hostfile is None and not state_file().exists():
+        address = local_head_address()
+    if address is not None:
+        _status_at(address, as_json)
+        return
     try:
         config = resolve_hostfile(hostfile)
         with open_cluster(config) as rc:
@@ -182,6 +190,39 @@ def status(
         else:
             out.print("serve: no applications" + (f" ({st['serve_error']})" if st.get("serve_error") else ""))
     if not st["healthy"]:
+        raise typer.Exit(2)
+
+
+def _status_at(address: str, as_json: bool) -> None:
+    """Status of a cluster reached by address (no hostfile, no SSH): Ray's node table and Serve's summary."""
+    import ray
+
+    from cluster.serving.status import collect_serve_summary, table_from_json
+
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, namespace="fleetserve-admin")
+    except Exception as exc:  # ray.init raises ConnectionError and others for a cluster that is gone
+        fail(FleetserveError(f"no Ray cluster answers at {address}: {exc}"))
+    try:
+        nodes = [{"ip": n["NodeManagerAddress"], "alive": n["Alive"], "gpus": n["Resources"].get("GPU", 0),
+                  "cpus": n["Resources"].get("CPU", 0)} for n in ray.nodes()]
+        summary = collect_serve_summary()
+    finally:
+        ray.shutdown()
+    healthy = all(n["alive"] for n in nodes)
+    if as_json:
+        print(json.dumps({"address": address, "nodes": nodes, "serve_summary": summary, "healthy": healthy}, indent=2))
+    else:
+        out = Console()
+        table = Table(title=f"Ray cluster {address}")
+        for col in ("ip", "state", "GPUs", "CPUs"):
+            table.add_column(col)
+        for n in nodes:
+            table.add_row(n["ip"], "[green]alive[/]" if n["alive"] else "[red]dead[/]", f"{n['gpus']:g}",
+                          f"{n['cpus']:g}")
+        out.print(table)
+        out.print(table_from_json(summary))
+    if not healthy:
         raise typer.Exit(2)
 
 

@@ -143,8 +143,8 @@ def serve(
     try:
         if not address:
             head = LocalHead(num_cpus)
-            console.print(f"starting a local Ray head ({num_cpus} logical CPUs) at {head.address}; "
-                          "it stops when this command ends")
+            console.print(f"starting a local Ray head ({num_cpus} logical CPUs) at {head.address}; it stops when "
+                          "this command ends; `fleetserve status` shows it", soft_wrap=True)
             head.start()
             address = head.address
         env = dict(os.environ, RAY_ADDRESS=address, **auth_env)

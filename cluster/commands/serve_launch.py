@@ -126,6 +126,11 @@ class LocalHead:
         ]
         self._proc: subprocess.Popen | None = None
 
+    @property
+    def record(self) -> Path:
+        """Where ``fleetserve status`` finds this head (beside the state file of `fleetserve up`)."""
+        return state_file().parent / "local-head.json"
+
     def start(self, timeout_s: float = 120.0) -> None:
         self._proc = subprocess.Popen(self._cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
@@ -136,6 +141,8 @@ class LocalHead:
             try:
                 # The dashboard answers last: then GCS, raylet and the job/serve APIs are up.
                 if httpx.get(f"{self.dashboard_url}/api/version", timeout=2).status_code == 200:
+                    self.record.parent.mkdir(parents=True, exist_ok=True)
+                    self.record.write_text(json.dumps({"address": self.address, "pid": self._proc.pid}))
                     return
             except httpx.HTTPError:
                 pass
@@ -161,6 +168,17 @@ class LocalHead:
             self._proc.wait(timeout=5)
         self._proc = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.record.unlink(missing_ok=True)
+
+
+def local_head_address() -> str | None:
+    """The address of the head a running ``fleetserve serve`` started on this machine, if any."""
+    try:
+        head = json.loads((state_file().parent / "local-head.json").read_text())
+        os.kill(int(head["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return head["address"]
 
 
 def session_pids(sid: int) -> list[int]:
