@@ -141,6 +141,9 @@ def test_1_overrides_from_the_client_shell_reach_the_replica(cluster) -> None:
     assert proc.returncode == 0, out
     assert "ready" in out and f"{HEAD}:8000/v1" in out, out
 
+    # The replica's own report (where it runs, what it loaded) follows its first RUNNING state.
+    wait_for(lambda: "model_source" in health().json()["models"]["op-tiny"], 60, "the replica's report",
+             state=lambda: health().text[:500])
     body = health().json()
     report = body["models"]["op-tiny"]
     assert report["state"] == "healthy" and report["model_source"] == str(model), body

@@ -213,7 +213,10 @@ class FleetIngress(OpenAiIngress):
                 self._first_poll.set()
             except Exception:  # controller briefly unreachable: keep the last view
                 logger.debug("replica status poll failed", exc_info=True)
-            if time.monotonic() - last_reports >= REPORT_POLL_S:
+            # Also at once when a model just got a running replica, so /health names where it runs.
+            unreported = any(m not in self._reports and self._replicas(m, "RUNNING")
+                             for m in self._default_serve_handles)
+            if unreported or time.monotonic() - last_reports >= REPORT_POLL_S:
                 last_reports = time.monotonic()
                 await self._refresh_reports()
             await asyncio.sleep(REPLICA_POLL_S)
