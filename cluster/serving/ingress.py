@@ -198,6 +198,7 @@ class FleetIngress(OpenAiIngress):
         from ray import serve
 
         last_reports = 0.0
+        reports: asyncio.Task | None = None
         while True:
             try:
                 status = await asyncio.to_thread(serve.status)
@@ -216,9 +217,11 @@ class FleetIngress(OpenAiIngress):
             # Also at once when a model just got a running replica, so /health names where it runs.
             unreported = any(m not in self._reports and self._replicas(m, "RUNNING")
                              for m in self._default_serve_handles)
-            if unreported or time.monotonic() - last_reports >= REPORT_POLL_S:
+            due = unreported or time.monotonic() - last_reports >= REPORT_POLL_S
+            # In a task of its own: a slow replica must not slow the replica-state polls.
+            if due and (reports is None or reports.done()):
                 last_reports = time.monotonic()
-                await self._refresh_reports()
+                reports = asyncio.get_running_loop().create_task(self._refresh_reports())
             await asyncio.sleep(REPLICA_POLL_S)
 
     async def _refresh_reports(self) -> None:
