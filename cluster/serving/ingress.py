@@ -301,8 +301,14 @@ class FleetIngress(OpenAiIngress):
         limits = self._input_limits.get(model, {})
         check_request(body, self._endpoint.limits, chat=True)
         # Message contents may still be pydantic's one-shot iterators: make them lists
-        # before they are read here (Ray Serve LLM does the same before routing).
-        _sanitize_chat_completion_request(body)
+        # before they are read here (Ray Serve LLM does the same before routing). Each
+        # content part is validated only then: a malformed one is the client's error.
+        try:
+            _sanitize_chat_completion_request(body)
+        except ValueError:
+            raise RequestRejected(400, "a message's content parts are malformed: each part needs its type and "
+                                  'that field, e.g. {"type": "image_url", "image_url": {"url": "https://..."}}'
+                                  ) from None
         problem = media_url_problem(body)
         if problem:
             raise RequestRejected(400, problem)
