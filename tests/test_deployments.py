@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import app as cli
 from cluster.serving.app import llm_config_for
-from cluster.serving.spec import load_serve_config
+from cluster.serving.config_file import load_serve_config
 from test_spec import replica_bundles
 
 ROOT = Path(__file__).resolve().parents[1]

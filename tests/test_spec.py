@@ -13,7 +13,8 @@ import yaml
 
 from cluster.errors import ConfigError
 from cluster.serving.app import engine_kwargs_for, llm_config_for
-from cluster.serving.spec import expand_env, load_serve_config, load_serving_args, parse_mm_limits
+from cluster.serving.config_file import load_serve_config
+from cluster.serving.spec import expand_env, load_serving_args, parse_mm_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 

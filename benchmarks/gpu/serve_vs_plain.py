@@ -50,7 +50,7 @@ LOADS = [("random", 1, 16), ("random", 16, 128), ("random", 64, 256), ("random",
 
 
 def resolved_spec(config: Path, overrides: list[str], model_dir: str):
-    from cluster.serving.spec import load_serve_config
+    from cluster.serving.config_file import load_serve_config
 
     env = {**os.environ, "QWEN25_VL_32B_PATH": model_dir}
     cfg = load_serve_config(config, overrides, environ=env)

@@ -42,7 +42,7 @@ def validate(
 ) -> None:
     """Check a deployment file: every model spec, engine arg and placement."""
     from cluster.serving.app import engine_kwargs_for, llm_config_for
-    from cluster.serving.spec import load_serve_config
+    from cluster.serving.config_file import load_serve_config
 
     try:
         cfg = load_serve_config(config, overrides)
@@ -123,7 +123,7 @@ def serve(
     app, and the local Ray head if this command started it.
     """
     from cluster.commands.serve_launch import SERVE_CLI, LocalHead, endpoint_url, recorded_cluster, wait_ready, write_resolved
-    from cluster.serving.spec import load_serve_config
+    from cluster.serving.config_file import load_serve_config
 
     recorded, auth_env = recorded_cluster()
     address = address or os.environ.get("RAY_ADDRESS") or recorded
