@@ -21,7 +21,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -63,14 +65,24 @@ class DeploymentSummary:
         return self.states.get("RUNNING", 0)
 
 
+def ray_auth_headers() -> dict[str, str]:
+    """The caller's Ray token (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) as an HTTP header.
+
+    Read from the environment on every call: Ray 2.58's own loader keeps the first
+    token a process saw, which is the wrong one after talking to another cluster.
+    """
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def fetch_serve_details(dashboard_url: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """Serve's instance details: from the dashboard if ``dashboard_url``, else from the controller."""
     if dashboard_url:
-        # The cluster's Ray token, where the caller has it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH).
-        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
-
-        r = httpx.get(dashboard_url.rstrip("/") + DASHBOARD_SERVE_ROUTE, timeout=timeout,
-                      headers=get_auth_headers_if_auth_enabled({}))
+        r = httpx.get(dashboard_url.rstrip("/") + DASHBOARD_SERVE_ROUTE, timeout=timeout, headers=ray_auth_headers())
         r.raise_for_status()
         return r.json()
     import ray
