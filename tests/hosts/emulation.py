@@ -41,7 +41,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from waiting import wait_for
+# tests/ holds the one wait helper; on the path also when this file runs as a script (the CLI below).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from waiting import wait_for  # noqa: E402
 
 BRIDGE = "fsbr0"
 SUBNET = "10.203.0"  # /24; .1 is the bridge (this machine), host N is .(10+N)
