@@ -70,9 +70,6 @@ def llm_config_for(spec: DeploymentSpec) -> dict[str, Any]:
         "deployment_config": {
             **spec.replicas.deployment_config(spec.engine_batch),
             "ray_actor_options": {"num_cpus": spec.replica_cpus},
-            # The ingress logs every request already; the replica's own access lines would double
-            # them and add the ingress's periodic fleet_status calls to every terminal.
-            "logging_config": {"enable_access_log": False},
         },
         "runtime_env": runtime_env_for(spec),
         "server_cls": SERVER_CLS,

@@ -56,7 +56,7 @@ RETRY_AFTER_S = 5
 #: How often the ingress refreshes replica states from Serve's controller.
 REPLICA_POLL_S = 1.0
 #: How often (and how long at most) it asks each running replica for its host and kernel report.
-REPORT_POLL_S = 5.0
+REPORT_POLL_S = 10.0
 #: /health must answer within 1 s: the most it waits for the watcher's very first poll.
 FIRST_POLL_WAIT_S = 0.6
 #: Replica states that take requests: a replica being migrated off a drained node
