@@ -82,6 +82,16 @@ def cluster(three_hosts: HostEmulator, state: Path, tmp_path_factory: pytest.Tem
         cli("down", str(hf), state=state)
 
 
+def up_starts_one_raylet(hf: Path, emu: HostEmulator, index: int, state: Path, gpus_total: int) -> None:
+    """`up` repairs host ``index`` alone, leaving exactly one raylet there, and the cluster is healthy."""
+    r = cli("up", str(hf), "--json", state=state)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["started"] == [f"10.203.0.1{index}"]
+    assert emu.hosts[index].process_names().count("raylet") == 1
+    code, st = status(hf, state)
+    assert code == 0 and st["healthy"] and st["gpus_total"] == gpus_total, st
+
+
 def test_token_files_are_private_on_every_host(cluster, state: Path) -> None:
     hf, rc, _ = cluster
     assert (rc.token_file.stat().st_mode & 0o777) == 0o600
@@ -170,12 +180,7 @@ def test_second_raylet_on_a_host_is_reported_and_repaired(cluster, three_hosts: 
     assert r.ok, r.stderr[-2000:]
     code, st = status(hf, state)
     assert code != 0 and st["duplicate"] == ["10.203.0.12"], st
-    r = cli("up", str(hf), "--json", state=state)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["started"] == ["10.203.0.12"]
-    assert three_hosts.hosts[2].process_names().count("raylet") == 1
-    code, st = status(hf, state)
-    assert code == 0 and st["healthy"] and st["gpus_total"] == 6, st
+    up_starts_one_raylet(hf, three_hosts, 2, state, gpus_total=6)
 
 
 def test_timeout_expiring_rolls_back(cluster, three_hosts: HostEmulator, state: Path) -> None:
@@ -223,12 +228,7 @@ def test_host_cut_off_during_ray_start(cluster, three_hosts: HostEmulator, state
         armed.unlink()
         # reconnect the host; the next up must start exactly one raylet there
         subprocess.run(["ip", "netns", "exec", "fs-h5", "ip", "route", "del", "blackhole", f"{HEAD}/32"], check=True)
-        r = cli("up", str(hf5), "--json", state=state)
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["started"] == ["10.203.0.15"]
-        assert three_hosts.hosts[5].process_names().count("raylet") == 1
-        code, st = status(hf5, state)
-        assert code == 0 and st["healthy"] and st["gpus_total"] == 8, st
+        up_starts_one_raylet(hf5, three_hosts, 5, state, gpus_total=8)
         # The original hostfile does not list fs-h5: status names it as extra and fails.
         code, st = status(hf, state)
         assert code != 0 and st["extra"] == ["10.203.0.15"], st
