@@ -117,13 +117,14 @@ def app(tiny_model, ray_local):
         "media": {"allowed_networks": ["127.0.0.2/32"], "fetch_timeout_s": FETCH_TIMEOUT_S},
         "limits": {"max_n": 4, "max_tokens": 64, "max_body_bytes": MAX_BODY_BYTES, "max_queued_requests": 3},
     }
-    os.environ["FLEETSERVE_TEST_API_KEYS"] = f"other-key,{KEY}"
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(args), name="sec", route_prefix="/", blocking=False)
-    wait_healthy(BASE, 600)
-    yield
-    serve.delete("sec")
-    serve.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLEETSERVE_TEST_API_KEYS", f"other-key,{KEY}")
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.run(build_app(args), name="sec", route_prefix="/", blocking=False)
+        wait_healthy(BASE, 600)
+        yield
+        serve.delete("sec")
+        serve.shutdown()
 
 
 def chat(messages, key: str | None = KEY, **kw) -> httpx.Response:

@@ -164,7 +164,10 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
     # The operator's side of token auth: `serve deploy` and the dashboard reads present the cluster's token.
     r = cli("token", str(hf12), "--path", state=state)
     assert r.returncode == 0, r.stderr
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": r.stdout.strip()})
+    # Set for this module only: later modules start Ray heads of their own in this process.
+    token_env = pytest.MonkeyPatch()
+    token_env.setenv("RAY_AUTH_MODE", "token")
+    token_env.setenv("RAY_AUTH_TOKEN_PATH", r.stdout.strip())
     args = tiny_args(tiny_qwen2(), MODEL, replica_cpus=1.0, cpus_per_worker=1.0, replicas={
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.2,
                         "upscale_delay_s": 2, "downscale_delay_s": 20},
@@ -201,6 +204,7 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
                    f"{RAY_TMP}/session_latest/logs/worker-*.err 2>/dev/null | tail -n 60", state=state, timeout=120)
         print(logs.stdout[-12000:])
         cli("down", str(hf123), state=state)
+        token_env.undo()
 
 
 def test_1_added_host_takes_the_next_replica_under_load(fleet, three_hosts: HostEmulator) -> None:

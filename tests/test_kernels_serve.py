@@ -16,7 +16,6 @@ unit test ``test_vllm_ray_executors_copy_the_plan`` pins that part.)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -51,15 +50,16 @@ def _spec(model: Path, name: str, tp: int, flaggems: dict | None) -> dict:
 @pytest.fixture(scope="module")
 def serve_instance(tmp_path_factory):
     report_dir = tmp_path_factory.mktemp("flaggems-reports")
-    os.environ["FLEETSERVE_FLAGGEMS_REPORT_DIR"] = str(report_dir)  # inherited by Ray's workers
     from ray import serve
 
-    with local_ray(runtime_env={"env_vars": {"FLEETSERVE_FLAGGEMS_REPORT_DIR": str(report_dir)}}):
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        try:
-            yield report_dir
-        finally:
-            serve.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLEETSERVE_FLAGGEMS_REPORT_DIR", str(report_dir))  # inherited by Ray's workers
+        with local_ray(runtime_env={"env_vars": {"FLEETSERVE_FLAGGEMS_REPORT_DIR": str(report_dir)}}):
+            serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+            try:
+                yield report_dir
+            finally:
+                serve.shutdown()
 
 
 def _deploy(name: str, spec: dict) -> None:

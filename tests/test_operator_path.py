@@ -67,11 +67,14 @@ def cluster(host_emulator: HostEmulator, tmp_path_factory: pytest.TempPathFactor
     # cluster's token as an operator would; `fleetserve serve` is run without it and finds it itself.
     r = cli("token", str(hostfile), "--path", state=state)
     assert r.returncode == 0, r.stdout + r.stderr
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": r.stdout.strip()})
-    try:
-        yield {"work": work, "state": state, "hostfile": hostfile}
-    finally:
-        cli("down", str(hostfile), state=state)
+    # Set for this module only: later modules start Ray heads of their own in this process.
+    with pytest.MonkeyPatch.context() as token_env:
+        token_env.setenv("RAY_AUTH_MODE", "token")
+        token_env.setenv("RAY_AUTH_TOKEN_PATH", r.stdout.strip())
+        try:
+            yield {"work": work, "state": state, "hostfile": hostfile}
+        finally:
+            cli("down", str(hostfile), state=state)
 
 
 def templated_file(work: Path) -> Path:
