@@ -78,3 +78,30 @@ def test_pixel_limit_reads_the_header_only():
     with pytest.raises(RequestRejected, match="12000 x 12000"):
         check_image_bytes(huge_png_header(), 0, 40_000_000)
     assert check_image_bytes(png_bytes(), 0, 40_000_000) == "image/png"
+
+
+def test_a_request_without_max_tokens_gets_the_cap():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    from cluster.serving.limits import apply_limits
+    from cluster.serving.spec import RequestLimits
+
+    capped, open_ended = RequestLimits(max_tokens=64), RequestLimits()
+    messages = [{"role": "user", "content": "hi"}]
+    chat = ChatCompletionRequest(model="m", messages=messages)
+    apply_limits(chat, capped, chat=True)
+    assert chat.max_tokens == 64
+    named = ChatCompletionRequest(model="m", messages=messages, max_completion_tokens=5)
+    apply_limits(named, capped, chat=True)
+    assert named.max_tokens is None and named.max_completion_tokens == 5
+    # Completions have a library default (16): kept under a larger cap, lowered to a smaller one.
+    default = CompletionRequest(model="m", prompt="x").max_tokens
+    completion = CompletionRequest(model="m", prompt="x")
+    apply_limits(completion, capped, chat=False)
+    assert completion.max_tokens == min(64, default)
+    tight = CompletionRequest(model="m", prompt="x")
+    apply_limits(tight, RequestLimits(max_tokens=2), chat=False)
+    assert tight.max_tokens == 2
+    uncapped = ChatCompletionRequest(model="m", messages=messages)
+    apply_limits(uncapped, open_ended, chat=True)
+    assert uncapped.max_tokens is None

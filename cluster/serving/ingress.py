@@ -45,7 +45,7 @@ from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from cluster.serving.limits import InFlight, RequestRejected, check_request
+from cluster.serving.limits import InFlight, RequestRejected, apply_limits
 from cluster.serving.media import ImageFetcher, check_image_bytes, image_parts, media_url_problem, to_data_url
 from cluster.serving.status import failure_reason
 from cluster.serving.spec import EndpointSpec, MediaPolicy
@@ -299,7 +299,7 @@ class FleetIngress(OpenAiIngress):
         """Limits, message shape and images of a chat request; http(s) images become data: URLs."""
         model = await self._get_model_id(body.model)
         limits = self._input_limits.get(model, {})
-        check_request(body, self._endpoint.limits, chat=True)
+        apply_limits(body, self._endpoint.limits, chat=True)
         # Message contents may still be pydantic's one-shot iterators: make them lists
         # before they are read here (Ray Serve LLM does the same before routing). Each
         # content part is validated only then: a malformed one is the client's error.
@@ -408,7 +408,7 @@ class FleetIngress(OpenAiIngress):
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:  # type: ignore[override]
         try:
-            check_request(body, self._endpoint.limits, chat=False)
+            apply_limits(body, self._endpoint.limits, chat=False)
         except RequestRejected as rej:
             return self._rejected(rej)
         return await self._admitted(super().completions, body, request)

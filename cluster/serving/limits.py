@@ -2,8 +2,9 @@
 
 * :class:`BodyLimitMiddleware` -- 413 for a body over ``limits.max_body_bytes``,
   counted while it streams in (a missing or false Content-Length does not help).
-* :func:`check_request` -- ``n``/``best_of`` and ``max_tokens`` against the spec,
-  and the message shape vLLM's chat template code assumes (a dict with a
+* :func:`apply_limits` -- ``n``/``best_of`` and ``max_tokens`` against the spec
+  (a request that names no ``max_tokens`` gets the cap: omitting the field
+  must not buy a generation up to the context length), and the message shape vLLM's chat template code assumes (a dict with a
   ``role``), each a 400 with a short reason instead of a 500 from deep inside
   the replica.
 * :class:`InFlight` -- a per-model bound on requests the ingress holds; a full
@@ -142,8 +143,12 @@ def _message_problem(i: int, message: Any) -> str | None:
     return None
 
 
-def check_request(body: Any, limits: RequestLimits, chat: bool) -> None:
-    """Raise :class:`RequestRejected` for a request over a limit or of a shape no replica can serve."""
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def apply_limits(body: Any, limits: RequestLimits, chat: bool) -> None:
+    """Raise :class:`RequestRejected` for a request over a limit or of a shape no replica can serve;
+    give a request without ``max_tokens``/``max_completion_tokens`` the endpoint's cap."""
     for field in ("n", "best_of"):
         value = getattr(body, field, None)
         if value is None:
@@ -153,15 +158,19 @@ def check_request(body: Any, limits: RequestLimits, chat: bool) -> None:
         if value > limits.max_n:
             raise RequestRejected(400, f"`{field}` = {value} is over this endpoint's limit of {limits.max_n} "
                                        "(endpoint.limits.max_n)")
-    for field in ("max_tokens", "max_completion_tokens"):
-        value = getattr(body, field, None)
-        if value is None:
-            continue
+    # A library default (16 for completions; vLLM marks it as set) is not the client's error: it is
+    # lowered to the cap like an absent value. An explicit value equal to it is treated the same.
+    fields = type(body).model_fields
+    written = [f for f in TOKEN_FIELDS if f in fields and getattr(body, f) not in (None, fields[f].default)]
+    for field in written:
+        value = getattr(body, field)
         if value < 1:
             raise RequestRejected(400, f"`{field}` must be at least 1, got {value}")
         if limits.max_tokens is not None and value > limits.max_tokens:
             raise RequestRejected(400, f"`{field}` = {value} is over this endpoint's limit of {limits.max_tokens} "
                                        "(endpoint.limits.max_tokens)")
+    if limits.max_tokens is not None and not written:
+        body.max_tokens = min(limits.max_tokens, body.max_tokens or limits.max_tokens)
     if chat:
         messages = list(getattr(body, "messages", None) or [])
         if not messages:

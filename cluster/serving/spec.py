@@ -364,7 +364,9 @@ class RequestLimits(_Strict):
 
     max_n: int = Field(default=8, ge=1, description="Largest `n` (and `best_of`) a request may ask for.")
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Largest `max_tokens`; default: only the model's context length bounds it.",
+        default=None, ge=1,
+        description="Largest `max_tokens`, and the value a request without one gets; "
+                    "default: only the model's context length bounds it.",
     )
     max_body_bytes: int = Field(default=64 << 20, gt=0, description="Larger request bodies are answered 413.")
     max_queued_requests: int = Field(
