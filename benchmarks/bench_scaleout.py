@@ -54,6 +54,16 @@ def n_running() -> int:
     return sum(1 for r in replicas() if str(r["state"]) == "RUNNING")
 
 
+def kill_and_wait_replaced(victim: dict[str, Any], running: int, what: str) -> None:
+    """Kill one replica's actor (no restart by Ray: Serve must replace it) and wait until ``running``
+    replicas run again, none of them the victim."""
+    import ray
+
+    ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+    wait_for(lambda: n_running() == running and victim["replica_id"] not in {r["replica_id"] for r in replicas()},
+             900, what, poll=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scaleout_local_cpu"))
@@ -112,9 +122,7 @@ def main() -> None:
             phases["two_replicas"] = load.window()
             victim = next(r for r in replicas() if str(r["state"]) == "RUNNING")
             t_kill = mark("replica actor killed")
-            ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
-            wait_for(lambda: n_running() == 2 and victim["replica_id"] not in {r["replica_id"] for r in replicas()},
-                     900, "replacement RUNNING", poll=1)
+            kill_and_wait_replaced(victim, running=2, what="replacement RUNNING")
             t_back = mark("replacement RUNNING")
             phases["replica_killed"] = load.window()
             load.wait_served(40)
@@ -128,9 +136,7 @@ def main() -> None:
             load.window()
             only = replicas()[0]
             t_kill2 = mark("last replica killed")
-            ray.kill(ray.get_actor(only["actor_name"], namespace="serve"), no_restart=True)
-            wait_for(lambda: n_running() == 1 and only["replica_id"] not in {r["replica_id"] for r in replicas()},
-                     900, "replica restarted", poll=1)
+            kill_and_wait_replaced(only, running=1, what="replica restarted")
             t_back2 = mark("replica restarted")
             phases["no_replica"] = load.window()
             load.wait_served(10)
