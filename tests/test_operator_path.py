@@ -179,7 +179,11 @@ def test_2_plain_serve_deploy_of_a_templated_file_fails_clearly(cluster) -> None
              state=lambda: str(app_status().get("status")))
     message = app_status()["message"]
     assert "OP_MODEL_DIR" in message and "fleetserve serve" in message, message
-    assert "/nfs/not-this-model" not in str(fetch_serve_details(DASHBOARD)), "the default must not be deployed"
+    # The default appears only in the config as written (the ${...} text), never as a value in use.
+    details = fetch_serve_details(DASHBOARD)
+    assert "FleetLLMServer:default-name" not in (details["applications"][APP].get("deployments") or {})
+    in_use = str(details).replace("${OP_MODEL_DIR:-/nfs/not-this-model}", "")
+    assert "/nfs/not-this-model" not in in_use, "the default must not be deployed"
 
 
 def test_3_a_replica_that_cannot_start_fails_the_deployment_with_its_reason(cluster) -> None:

@@ -181,7 +181,7 @@ def test_health_reports_each_model(client):
     r = httpx.get(f"{BASE}/health", timeout=30)
     assert r.status_code == 200
     body = r.json()
-    assert body["status"] == "ok" and body["models"][MODEL]["healthy"] is True
+    assert body["status"] == "ok" and body["models"][MODEL]["state"] == "healthy", body
 
 
 # -- bad requests: 4xx with a reason, and the replica keeps serving --------------------
