@@ -274,3 +274,38 @@ def test_reports_of_several_calls_merge_into_the_ratio() -> None:
     assert merged["nccl"]["nccl_emulated"]["transports"] == {"NET/Socket": 3}
     assert merged["nccl"]["nccl_single"]["transports"] == {"P2P/CUMEM": 2, "SHM": 1}
     assert merged["not_run"] == ["serve", "place", "chat", "gems", "fault"]
+
+
+def dry_run(tmp_path: Path, deadline_s: float = 540) -> rig.Run:
+    import argparse
+
+    args = argparse.Namespace(phases=["up"], out=str(tmp_path / "out" / "rig.json"), deadline_s=deadline_s, gpus=0,
+                              model_size="32b", model_dir="", flaggems="off", loads="", set=[],
+                              workdir=str(tmp_path / "work"), cpu_dry_run=True)
+    run = rig.Run(args)
+    run.configure()
+    return run
+
+
+def test_a_dry_run_plans_two_hosts_with_one_logical_gpu_each(tmp_path: Path) -> None:
+    run = dry_run(tmp_path)
+    assert run.split == [[0], [1]] and (run.tp, run.pp) == (1, 2)
+    assert (run.key_file.stat().st_mode & 0o777) == 0o600
+    sets = run.overrides()
+    assert "tensor_parallel_size=1" in sets and "pipeline_parallel_size=2" in sets and "flaggems.enabled=false" in sets
+    assert f"model.source={run.model_dir}" in sets and "model.served_name=Qwen2.5-VL-32B-Instruct" in sets
+
+
+def test_a_phase_runs_only_with_its_prerequisites_and_time_and_is_written_at_once(tmp_path: Path) -> None:
+    import json
+
+    run = dry_run(tmp_path, deadline_s=100)
+    assert run.phase("up", 10, lambda: {"problems": ["preflight picked lo"]}) is False
+    assert run.phase("serve", 10, lambda: {}, needs=["up"]) is False
+    assert run.phase("single", 1000, lambda: {}) is False
+    assert run.phase("chat", 10, lambda: {"answered": 2}) is True
+    assert run.phase("bench", 10, lambda: 1 / 0) is False
+    written = json.loads(Path(run.args.out).read_text())["phases"]
+    assert written["up"]["problems"] == ["preflight picked lo"] and written["serve"]["skipped"] == "up failed"
+    assert written["single"]["skipped"].endswith("needs 1000s") and written["chat"]["ok"] is True
+    assert written["bench"]["error"].startswith("ZeroDivisionError")
