@@ -117,6 +117,22 @@ def test_the_probe_counts_the_gpus_cuda_would_show(cvd: str | None, count: int) 
     assert len(visible_gpus(ROWS, cvd)) == count
 
 
+def test_the_probe_program_reads_nvidia_smi_and_the_hosts_cuda_visible_devices(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    fake = tmp_path / "nvidia-smi"  # the real one's CSV for --query-gpu=index,uuid,name --format=csv,noheader
+    fake.write_text("#!/bin/sh\nprintf '0, GPU-aaaa1111, NVIDIA H100 80GB HBM3\\n1, GPU-bbbb2222, NVIDIA H200\\n'\n")
+    fake.chmod(0o755)
+    args = json.dumps({"packages": {}, "ports": [], "head_ip": "127.0.0.1", "head_port": 6379, "start_pidfile": None})
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "1"}
+    probe = ROOT / "cluster" / "fleet" / "remote" / "probe.py"
+    out = json.loads(subprocess.run([sys.executable, str(probe), args], env=env, capture_output=True, text=True,
+                                    timeout=60, check=True).stdout.splitlines()[-1])
+    assert out["gpus"] == ["NVIDIA H200"] and out["gpus_on_machine"] == 2
+
+
 def test_preflight_says_when_cuda_visible_devices_narrowed_the_gpus(tmp_path: Path) -> None:
     hf = tmp_path / "hostfile"
     hf.write_text("10.0.0.1 slots=2\n")
