@@ -437,8 +437,10 @@ class Run:
         self.emu.setup()
         base = inherited_env(os.environ)
         for i, gpus in enumerate(self.split, start=1):
+            # Ray's temp dir (logs, spilled objects) is in the host's /run; tmpfs takes memory only as used.
             self.emu.add_host(i, env=host_env(i, gpus, base), hostname=f"fs-h{i}",
-                              shm_size="2g" if self.args.cpu_dry_run else "32g")
+                              **({} if self.args.cpu_dry_run else {"shm_size": "32g", "run_size": "16g",
+                                                                     "tmp_size": "8g"}))
         cpus = 4 if self.args.cpu_dry_run else max(8, (os.cpu_count() or 16) // HOSTS)
         self.hostfile = self.emu.hostfile(
             slots=self.tp, path=self.workdir / "hostfile",

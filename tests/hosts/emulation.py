@@ -203,11 +203,12 @@ class HostEmulator:
         _run("ip", "link", "set", self.bridge, "up")
 
     def add_host(self, index: int, env: dict[str, str] | None = None, shm_size: str = "2g",
-                 hostname: str | None = None) -> EmulatedHost:
+                 hostname: str | None = None, run_size: str = "256m", tmp_size: str = "2g") -> EmulatedHost:
         """Start host ``fs-h<index>`` at ``<subnet>.<10+index>`` with its own sshd.
 
         ``env``: the host's login environment (sshd ``SetEnv``); ``hostname``: give the
-        host its own UTS namespace with this name.
+        host its own UTS namespace with this name. ``*_size``: limits of the host's
+        private tmpfs mounts (allocated only as used; Ray's temp dir lives in ``/run``).
         """
         netns, veth, ip = f"{NS_PREFIX}{index}", f"fsv{index}", f"{self.subnet}.{10 + index}"
         setenv = sshd_setenv(env or {})
@@ -258,11 +259,11 @@ class HostEmulator:
         script = " && ".join([
             *([f"echo {shlex.quote(hostname)} > /proc/sys/kernel/hostname"] if hostname else []),
             *([f"mount --bind {shlex.quote(str(passwd))} /etc/passwd"] if passwd else []),
-            "mount -t tmpfs -o size=256m,mode=755 tmpfs /run", "mkdir -p /run/sshd",
+            f"mount -t tmpfs -o size={run_size},mode=755 tmpfs /run", "mkdir -p /run/sshd",
             f"mount -t tmpfs -o size={shm_size},mode=1777 tmpfs /dev/shm",
             *[step for i, path in enumerate(keep)
               for step in (f"mkdir /run/keep{i}", f"mount --bind {shlex.quote(str(path))} /run/keep{i}")],
-            "mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp",
+            f"mount -t tmpfs -o size={tmp_size},mode=1777 tmpfs /tmp",
             *[step for i, path in enumerate(keep)
               for step in (f"mkdir -p {shlex.quote(str(path))}", f"mount --bind /run/keep{i} {shlex.quote(str(path))}",
                            f"umount /run/keep{i}", f"rmdir /run/keep{i}")],
