@@ -40,6 +40,7 @@ PY
   done
 fi
 case ":$PATH:" in *":$_rig_prefix/wrap:"*) ;; *) export PATH="$_rig_prefix/wrap:$PATH";; esac
-export FLEETSERVE_SSHD="$_rig_prefix/wrap/sshd"
+# The emulator's sshd, and the prefix the rig keeps visible in each emulated host's private /tmp.
+export FLEETSERVE_SSHD="$_rig_prefix/wrap/sshd" FLEETSERVE_TOOLS_PREFIX="$_rig_prefix"
 echo "rig tools from $_rig_prefix: $(ip -V 2>&1 | head -1); $(sshd -V 2>&1 | head -1)" >&2
 unset _rig_debs _rig_prefix _rig_ldso _rig_libs _tool _name _extra _deb

@@ -411,8 +411,8 @@ class Run:
         paths = [ROOT, self.model_dir]
         for var in ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH"):
             paths += [Path(p) for p in os.environ.get(var, "").split(":") if p.startswith("/tmp/")]
-        if os.environ.get("FLEETSERVE_SSHD"):
-            paths.append(Path(os.environ["FLEETSERVE_SSHD"]).parent)
+        if os.environ.get("FLEETSERVE_TOOLS_PREFIX"):  # rig-tools.sh: the wrappers, binaries and libraries
+            paths.append(Path(os.environ["FLEETSERVE_TOOLS_PREFIX"]))
         return paths
 
     def expected_hosts(self) -> dict[str, dict[str, Any]]:
