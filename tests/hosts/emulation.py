@@ -252,8 +252,8 @@ class HostEmulator:
         )
         # PID 1 of the host is sshd itself: it reaps orphans (Ray's daemons), and
         # killing it (or unshare, via --kill-child) takes the whole host down.
-        # The work directory (keys, sshd_config, fake site dirs) must stay visible on the host
-        # when it lies under the private /tmp: park a bind of it in /run, mount /tmp, bind it back.
+        # The work directory (keys, sshd_config, fake site dirs) and the shared paths must stay visible on
+        # the host where they lie under the private /tmp: park a bind of each in /run, mount /tmp, bind them back.
         keep = paths_kept_in_tmp([self.workdir, *self.shared_paths])
         passwd = self._passwd_with_sshd_user()
         script = " && ".join([
