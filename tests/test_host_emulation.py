@@ -90,7 +90,7 @@ def test_a_host_has_its_own_login_env_name_and_the_shared_paths(monkeypatch: pyt
     workdir = Path("/tmp") / f"fleetserve-emu-{uuid.uuid4().hex[:8]}"
     shared = Path("/tmp") / f"fleetserve-shared-{uuid.uuid4().hex[:8]}"
     (shared / "site").mkdir(parents=True)
-    (shared / "site" / "marker").write_text("stack")
+    (shared / "site" / "marker").write_text("stack\n")
     emu = HostEmulator(workdir, shared_paths=[shared / "site", shared])
     try:
         emu.setup()
