@@ -103,8 +103,15 @@ def test_a_host_has_its_own_login_env_name_and_the_shared_paths(monkeypatch: pyt
             return real_getpwnam(name)
 
         monkeypatch.setattr(emulation.pwd, "getpwnam", no_sshd_user)
-        emu.add_host(2, env={"CUDA_VISIBLE_DEVICES": "0"})  # its /etc/passwd: a copy with the user, bound in
+        # ... and where root's account is locked (a container image's /etc/shadow saying 'root:!:...').
+        locked = shared / "shadow"
+        locked.write_text("".join(":".join([f[0], "!", *f[2:]]) + "\n" if f[0] == "root" else line + "\n"
+                                  for line in Path("/etc/shadow").read_text().splitlines()
+                                  for f in [line.split(":")]))
+        monkeypatch.setattr(emulation, "SHADOW", locked)
+        emu.add_host(2, env={"CUDA_VISIBLE_DEVICES": "0"})  # copies with the user / root unlocked, bound in
         assert (workdir / "passwd").read_text().rstrip().endswith(":/run/sshd:/bin/false")
+        assert "root:*:" in (workdir / "shadow").read_text() and "root:!:" in locked.read_text()
         r = ssh(workdir, emu.hosts[1].ip, f"echo $CUDA_VISIBLE_DEVICES $NCCL_HOSTID; hostname; "
                 f"cat {shared}/site/marker; setsid sh -c 'echo $CUDA_VISIBLE_DEVICES' </dev/null")
         assert r.returncode == 0, r.stderr

@@ -38,9 +38,10 @@ Per host, optionally (the GPU rig uses them, the CPU tests need none):
   directory that stay visible in every host's private ``/tmp`` (a Python stack
   or a model unpacked there).
 
-Where this machine has no ``sshd`` privilege-separation user, each host's mount
-namespace gets a copy of ``/etc/passwd`` with one added (this machine's file is
-never written).
+Where this machine has no ``sshd`` privilege-separation user, or root's account
+is locked (sshd without PAM then refuses key logins too), each host's mount
+namespace gets a copy of ``/etc/passwd`` with the user added, or of
+``/etc/shadow`` with root unlocked (this machine's files are never written).
 
 Also a small CLI for manual use and the benchmark::
 
@@ -71,6 +72,7 @@ BRIDGE = "fsbr0"
 SUBNET = "10.203.0"  # /24; .1 is the bridge (this machine), host N is .(10+N)
 NS_PREFIX = "fs-h"
 DEFAULT_WORKDIR = Path("/tmp/fleetserve-hosts")
+SHADOW = Path("/etc/shadow")
 VENV = Path(sys.executable).parent
 
 
@@ -255,10 +257,11 @@ class HostEmulator:
         # The work directory (keys, sshd_config, fake site dirs) and the shared paths must stay visible on
         # the host where they lie under the private /tmp: park a bind of each in /run, mount /tmp, bind them back.
         keep = paths_kept_in_tmp([self.workdir, *self.shared_paths])
-        passwd = self._passwd_with_sshd_user()
+        passwd, shadow = self._passwd_with_sshd_user(), self._shadow_with_root_unlocked()
         script = " && ".join([
             *([f"echo {shlex.quote(hostname)} > /proc/sys/kernel/hostname"] if hostname else []),
             *([f"mount --bind {shlex.quote(str(passwd))} /etc/passwd"] if passwd else []),
+            *([f"mount --bind {shlex.quote(str(shadow))} /etc/shadow"] if shadow else []),
             f"mount -t tmpfs -o size={run_size},mode=755 tmpfs /run", "mkdir -p /run/sshd",
             f"mount -t tmpfs -o size={shm_size},mode=1777 tmpfs /dev/shm",
             *[step for i, path in enumerate(keep)
@@ -291,6 +294,27 @@ class HostEmulator:
         text = Path("/etc/passwd").read_text()
         path.write_text(text.rstrip("\n") + "\nsshd:x:65533:65534:sshd privilege separation:/run/sshd:/bin/false\n")
         path.chmod(0o644)
+        return path
+
+    def _shadow_with_root_unlocked(self) -> Path | None:
+        """A copy of /etc/shadow whose root entry is not locked, where it is ('!...').
+
+        Without PAM, sshd refuses every login, keys too, to a locked account;
+        container images often lock root. The copy says '*' (no password login),
+        and is bound only into the hosts' mount namespaces.
+        """
+        try:
+            lines = SHADOW.read_text().splitlines()
+        except OSError:
+            return None
+        fields = [line.split(":") for line in lines]
+        if not any(f[0] == "root" and len(f) > 1 and f[1].startswith("!") for f in fields):
+            return None
+        path = self.workdir / "shadow"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(":".join([f[0], "*", *f[2:]] if f[0] == "root" and len(f) > 1 else f) + "\n"
+                             for f in fields))
         return path
 
     def _wait_for_ssh(self, host: EmulatedHost, timeout: float = 15.0) -> None:
