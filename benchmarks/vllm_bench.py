@@ -24,11 +24,12 @@ KEEP = ("completed", "failed", "duration", "output_throughput", "request_through
 
 def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency: int, prompts: int,
                 workdir: Path, input_len: int = 512, output_len: int = 128, images: int = 2,
-                image_size: int = 448) -> dict[str, Any]:
+                image_size: int = 448, timeout: float | None = None) -> dict[str, Any]:
     """One ``vllm bench serve`` run at ``concurrency``; vLLM's figures (``KEEP``) or ``error``.
 
     ``dataset`` is ``random`` (``input_len`` tokens in, ``output_len`` out, ``--ignore-eos``) or
     ``random-mm`` (the same plus ``images`` random images of ``image_size`` px square per request).
+    ``timeout``: seconds the client may run (a caller's deadline); past it, ``error``.
     """
     name = f"{dataset}_c{concurrency}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
@@ -43,9 +44,12 @@ def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency
                 "--random-mm-limit-mm-per-prompt", json.dumps({"image": images, "video": 0}),
                 "--random-mm-bucket-config", f"{{({image_size}, {image_size}, 1): 1.0}}"]
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    out: dict[str, Any] = {"load": name, "dataset": dataset, "concurrency": concurrency, "prompts": prompts,
-                           "seconds": round(time.monotonic() - t0, 1)}
+    out: dict[str, Any] = {"load": name, "dataset": dataset, "concurrency": concurrency, "prompts": prompts}
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**out, "seconds": round(time.monotonic() - t0, 1), "error": f"not done within {timeout:.0f}s"}
+    out["seconds"] = round(time.monotonic() - t0, 1)
     path = workdir / f"{name}.json"
     if r.returncode != 0 or not path.exists():
         out["error"] = (r.stderr or r.stdout)[-1500:]

@@ -39,10 +39,11 @@ class Load:
     not a 200 counts as failed.
     """
 
-    def __init__(self, base_url: str, model: str, workers: int, max_tokens: int = 48, pause_s: float = 0.0):
+    def __init__(self, base_url: str, model: str, workers: int, max_tokens: int = 48, pause_s: float = 0.0,
+                 api_key: str = "none"):
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=f"{base_url}/v1", api_key="none", timeout=CLIENT_TIMEOUT_S, max_retries=0)
+        self.client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, timeout=CLIENT_TIMEOUT_S, max_retries=0)
         self.model, self.workers, self.max_tokens = model, workers, max_tokens
         self.pause_s = pause_s  # think time between one client's requests
         self.counts = Counts()

@@ -76,3 +76,49 @@ def test_stop_leaves_no_process_namespace_or_bridge(tmp_path: Path) -> None:
         emulation(workdir, "stop")
         (Path("/tmp") / f"{probe}-machine").unlink(missing_ok=True) if "probe" in locals() else None
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+def test_a_host_has_its_own_login_env_name_and_the_shared_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the GPU rig gives each host (benchmarks/gpu/two_host_rig.py): env over SSH, a host name, /tmp paths;
+    and sshd starts where the machine lacks its privilege-separation user (the GPU machines do)."""
+    from hosts import emulation
+    from hosts.emulation import HostEmulator
+
+    require_emulation()
+    if BRIDGE in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout:
+        pytest.skip(f"bridge {BRIDGE} is in use (run host tests one at a time, under the heavy lock)")
+    workdir = Path("/tmp") / f"fleetserve-emu-{uuid.uuid4().hex[:8]}"
+    shared = Path("/tmp") / f"fleetserve-shared-{uuid.uuid4().hex[:8]}"
+    (shared / "site").mkdir(parents=True)
+    (shared / "site" / "marker").write_text("stack\n")
+    emu = HostEmulator(workdir, shared_paths=[shared / "site", shared])
+    try:
+        emu.setup()
+        emu.add_host(1, env={"CUDA_VISIBLE_DEVICES": "2,3", "NCCL_HOSTID": "rig-h1"}, hostname="gpu-host-1")
+        real_getpwnam = emulation.pwd.getpwnam
+
+        def no_sshd_user(name: str):
+            if name == "sshd":
+                raise KeyError(name)
+            return real_getpwnam(name)
+
+        monkeypatch.setattr(emulation.pwd, "getpwnam", no_sshd_user)
+        # ... and where root's account is locked (a container image's /etc/shadow saying 'root:!:...').
+        locked = shared / "shadow"
+        locked.write_text("".join(":".join([f[0], "!", *f[2:]]) + "\n" if f[0] == "root" else line + "\n"
+                                  for line in Path("/etc/shadow").read_text().splitlines()
+                                  for f in [line.split(":")]))
+        monkeypatch.setattr(emulation, "SHADOW", locked)
+        emu.add_host(2, env={"CUDA_VISIBLE_DEVICES": "0"})  # copies with the user / root unlocked, bound in
+        assert (workdir / "passwd").read_text().rstrip().endswith(":/run/sshd:/bin/false")
+        assert "root:*:" in (workdir / "shadow").read_text() and "root:!:" in locked.read_text()
+        r = ssh(workdir, emu.hosts[1].ip, f"echo $CUDA_VISIBLE_DEVICES $NCCL_HOSTID; hostname; "
+                f"cat {shared}/site/marker; setsid sh -c 'echo $CUDA_VISIBLE_DEVICES' </dev/null")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["2,3", "rig-h1", "gpu-host-1", "stack", "2,3"]  # a daemon it starts has it too
+        r = ssh(workdir, emu.hosts[2].ip, "echo $CUDA_VISIBLE_DEVICES ${NCCL_HOSTID:-none}; hostname")
+        assert r.stdout.split() == ["0", "none", subprocess.run(["hostname"], capture_output=True,
+                                                               text=True).stdout.strip()]
+    finally:
+        emu.teardown()
+        subprocess.run(["rm", "-rf", str(workdir), str(shared)], check=False)

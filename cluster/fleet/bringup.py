@@ -544,6 +544,7 @@ class RayCluster:
             "head": self.head.name, "address": self.address, "dashboard": self.dashboard_url,
             "started": started, "seconds": round(seconds, 2),
             "hosts": {h.name: {"ip": h.ray_ip, "slots": h.slots, "iface": probes[h.name].iface,
+                               "gpus": probes[h.name].gpus,
                                "versions": {"python": probes[h.name].python, **probes[h.name].packages}}
                       for h in self.config.hosts},
             "nodes": nodes,

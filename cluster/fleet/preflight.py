@@ -89,7 +89,10 @@ def preflight(config: ClusterConfig, probes: dict[str, Probe], to_start: list[Ho
             mine.append(f"address {host.ray_ip} is not on this host (it has {', '.join(sorted(p.addresses)) or 'none'}; "
                         "fix: set ip= to the host's cluster address)")
         if p.gpus is not None and len(p.gpus) < host.slots:
-            mine.append(f"nvidia-smi shows {len(p.gpus)} GPU(s) but slots={host.slots} (fix: set slots={len(p.gpus)})")
+            narrowed = p.raw.get("gpus_on_machine", len(p.gpus)) != len(p.gpus)
+            note = f" ({p.raw['gpus_on_machine']} on the machine, CUDA_VISIBLE_DEVICES there narrows them)" if narrowed else ""
+            mine.append(f"nvidia-smi shows {len(p.gpus)} GPU(s){note} but slots={host.slots} "
+                        f"(fix: set slots={len(p.gpus)})")
         elif p.gpus is None and p.raw.get("gpu_error"):
             mine.append(f"nvidia-smi failed: {p.raw['gpu_error']} (fix: check the driver)")
         if host.name not in starting:

@@ -21,7 +21,27 @@ finds what ``start`` left.
 
 The hosts share this machine's filesystem, so they all run the same venv.
 Written by hand because no library does netns + sshd + PID namespaces; it
-drives the standard tools (``ip``, ``unshare``, ``sshd``, ``ssh-keygen``).
+drives the standard tools (``ip``, ``unshare``, ``sshd``, ``ssh-keygen``),
+found on ``PATH``; sshd (it must be started by absolute path) is the one named
+by ``FLEETSERVE_SSHD``, else the first on ``PATH``, else ``/usr/sbin/sshd`` --
+so the tools may come from a prefix of their own (the GPU machines have none
+installed: benchmarks/gpu/rig-tools.sh unpacks Debian's there).
+
+Per host, optionally (the GPU rig uses them, the CPU tests need none):
+
+* ``env``: the host's login environment, ``SetEnv`` in its sshd_config, seen by
+  everything started over SSH there (``CUDA_VISIBLE_DEVICES`` = its GPUs,
+  ``NCCL_HOSTID``), as a real host's own environment would be;
+* ``hostname``: its own UTS namespace and name, so what a process reports as
+  its host (FlagGems' per-process reports, NCCL's host hash) tells hosts apart;
+* ``shared_paths`` (per emulator): paths under ``/tmp`` besides the work
+  directory that stay visible in every host's private ``/tmp`` (a Python stack
+  or a model unpacked there).
+
+Where this machine has no ``sshd`` privilege-separation user, or root's account
+is locked (sshd without PAM then refuses key logins too), each host's mount
+namespace gets a copy of ``/etc/passwd`` with the user added, or of
+``/etc/shadow`` with root unlocked (this machine's files are never written).
 
 Also a small CLI for manual use and the benchmark::
 
@@ -33,6 +53,9 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -49,18 +72,26 @@ BRIDGE = "fsbr0"
 SUBNET = "10.203.0"  # /24; .1 is the bridge (this machine), host N is .(10+N)
 NS_PREFIX = "fs-h"
 DEFAULT_WORKDIR = Path("/tmp/fleetserve-hosts")
+SHADOW = Path("/etc/shadow")
 VENV = Path(sys.executable).parent
 
 
-def missing_requirements() -> str | None:
+def sshd_path() -> str:
+    """The sshd to run: ``FLEETSERVE_SSHD``, else the first on PATH, else Debian's (absolute: sshd requires it)."""
+    found = os.environ.get("FLEETSERVE_SSHD") or shutil.which("sshd") or "/usr/sbin/sshd"
+    return str(Path(found).absolute())
+
+
+def missing_requirements(sshd: str | None = None) -> str | None:
     """Why emulation cannot run here (None when it can)."""
     if os.geteuid() != 0:
         return "emulated hosts need root (network/PID namespaces, sshd)"
     for tool in ("ip", "unshare", "ssh-keygen"):
         if shutil.which(tool) is None:
-            return f"{tool!r} not found (run scripts/setup-host-emulation.sh)"
-    if not Path("/usr/sbin/sshd").exists():
-        return "/usr/sbin/sshd not found (run scripts/setup-host-emulation.sh: openssh-server)"
+            return f"{tool!r} not found on PATH (run scripts/setup-host-emulation.sh)"
+    sshd = sshd or sshd_path()
+    if not os.access(sshd, os.X_OK):
+        return f"{sshd} not found (run scripts/setup-host-emulation.sh: openssh-server, or set FLEETSERVE_SSHD)"
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"unshare --pid not permitted here: {probe.stderr.strip()}"
@@ -150,10 +181,13 @@ class EmulatedHost:
 class HostEmulator:
     """Creates and destroys emulated hosts; safe to tear down after partial setup."""
 
-    def __init__(self, workdir: Path = DEFAULT_WORKDIR, bridge: str = BRIDGE, subnet: str = SUBNET):
+    def __init__(self, workdir: Path = DEFAULT_WORKDIR, bridge: str = BRIDGE, subnet: str = SUBNET,
+                 sshd: str | None = None, shared_paths: list[Path] | tuple[Path, ...] = ()):
         self.workdir = Path(workdir)
         self.bridge = bridge
         self.subnet = subnet
+        self.sshd = sshd or sshd_path()
+        self.shared_paths = [Path(p) for p in shared_paths]
         self.hosts: dict[int, EmulatedHost] = {}
         self.client_key = self.workdir / "id_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
@@ -170,9 +204,18 @@ class HostEmulator:
         _run("ip", "addr", "replace", f"{self.subnet}.1/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
 
-    def add_host(self, index: int, env: dict[str, str] | None = None, shm_size: str = "2g") -> EmulatedHost:
-        """Start host ``fs-h<index>`` at ``<subnet>.<10+index>`` with its own sshd."""
+    def add_host(self, index: int, env: dict[str, str] | None = None, shm_size: str = "2g",
+                 hostname: str | None = None, run_size: str = "256m", tmp_size: str = "2g") -> EmulatedHost:
+        """Start host ``fs-h<index>`` at ``<subnet>.<10+index>`` with its own sshd.
+
+        ``env``: the host's login environment (sshd ``SetEnv``); ``hostname``: give the
+        host its own UTS namespace with this name. ``*_size``: limits of the host's
+        private tmpfs mounts (allocated only as used; Ray's temp dir lives in ``/run``).
+        """
         netns, veth, ip = f"{NS_PREFIX}{index}", f"fsv{index}", f"{self.subnet}.{10 + index}"
+        setenv = sshd_setenv(env or {})
+        if hostname is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", hostname):
+            raise ValueError(f"hostname {hostname!r}: letters, digits and '-' only, at most 63")
         host = EmulatedHost(index, ip, netns, veth, self.workdir / netns, env=dict(env or {}))
         self.hosts[index] = host
         self._cleanup_host_leftovers(host)
@@ -188,7 +231,6 @@ class HostEmulator:
         _run("ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
         _run("ip", "-n", netns, "link", "set", "eth0", "up")
         _run("ip", "-n", netns, "route", "add", "default", "via", f"{self.subnet}.1")
-        setenv = " ".join(f'{k}="{v}"' for k, v in host.env.items())
         (host.dir / "sshd_config").write_text(
             "\n".join(
                 [
@@ -212,29 +254,68 @@ class HostEmulator:
         )
         # PID 1 of the host is sshd itself: it reaps orphans (Ray's daemons), and
         # killing it (or unshare, via --kill-child) takes the whole host down.
-        # The work directory (keys, sshd_config, fake site dirs) must stay visible on the host
-        # when it lies under the private /tmp: park a bind of it in /run, mount /tmp, bind it back.
-        workdir = self.workdir.resolve()
-        keep = workdir.is_relative_to("/tmp")
+        # The work directory (keys, sshd_config, fake site dirs) and the shared paths must stay visible on
+        # the host where they lie under the private /tmp: park a bind of each in /run, mount /tmp, bind them back.
+        keep = paths_kept_in_tmp([self.workdir, *self.shared_paths])
+        passwd, shadow = self._passwd_with_sshd_user(), self._shadow_with_root_unlocked()
         script = " && ".join([
-            "mount -t tmpfs -o size=256m,mode=755 tmpfs /run", "mkdir -p /run/sshd",
+            *([f"echo {shlex.quote(hostname)} > /proc/sys/kernel/hostname"] if hostname else []),
+            *([f"mount --bind {shlex.quote(str(passwd))} /etc/passwd"] if passwd else []),
+            *([f"mount --bind {shlex.quote(str(shadow))} /etc/shadow"] if shadow else []),
+            f"mount -t tmpfs -o size={run_size},mode=755 tmpfs /run", "mkdir -p /run/sshd",
             f"mount -t tmpfs -o size={shm_size},mode=1777 tmpfs /dev/shm",
-            *(["mkdir /run/workdir", f"mount --bind {workdir} /run/workdir"] if keep else []),
-            "mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp",
-            *([f"mkdir -p {workdir}", f"mount --bind /run/workdir {workdir}", "umount /run/workdir",
-               "rmdir /run/workdir"] if keep else []),
-            f"exec /usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}",
+            *[step for i, path in enumerate(keep)
+              for step in (f"mkdir /run/keep{i}", f"mount --bind {shlex.quote(str(path))} /run/keep{i}")],
+            f"mount -t tmpfs -o size={tmp_size},mode=1777 tmpfs /tmp",
+            *[step for i, path in enumerate(keep)
+              for step in (f"mkdir -p {shlex.quote(str(path))}", f"mount --bind /run/keep{i} {shlex.quote(str(path))}",
+                           f"umount /run/keep{i}", f"rmdir /run/keep{i}")],
+            f"exec {shlex.quote(self.sshd)} -D -e -f {host.dir / 'sshd_config'}",
         ])
         log = open(host.dir / "sshd.log", "wb")
         host.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, "unshare", "--pid", "--mount", "--propagation", "private", "--fork",
-             "--mount-proc", "--kill-child",
+             "--mount-proc", "--kill-child", *(["--uts"] if hostname else []),
              "sh", "-c", script],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self._wait_for_ssh(host)
         self.write_known_hosts()
         return host
+
+    def _passwd_with_sshd_user(self) -> Path | None:
+        """A copy of /etc/passwd with sshd's privilege-separation user, where this machine has none."""
+        try:
+            pwd.getpwnam("sshd")
+            return None
+        except KeyError:
+            pass
+        path = self.workdir / "passwd"
+        text = Path("/etc/passwd").read_text()
+        path.write_text(text.rstrip("\n") + "\nsshd:x:65533:65534:sshd privilege separation:/run/sshd:/bin/false\n")
+        path.chmod(0o644)
+        return path
+
+    def _shadow_with_root_unlocked(self) -> Path | None:
+        """A copy of /etc/shadow whose root entry is not locked, where it is ('!...').
+
+        Without PAM, sshd refuses every login, keys too, to a locked account;
+        container images often lock root. The copy says '*' (no password login),
+        and is bound only into the hosts' mount namespaces.
+        """
+        try:
+            lines = SHADOW.read_text().splitlines()
+        except OSError:
+            return None
+        fields = [line.split(":") for line in lines]
+        if not any(f[0] == "root" and len(f) > 1 and f[1].startswith("!") for f in fields):
+            return None
+        path = self.workdir / "shadow"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(":".join([f[0], "*", *f[2:]] if f[0] == "root" and len(f) > 1 else f) + "\n"
+                             for f in fields))
+        return path
 
     def _wait_for_ssh(self, host: EmulatedHost, timeout: float = 15.0) -> None:
         def listening() -> bool:
@@ -301,6 +382,27 @@ class HostEmulator:
         for index in list(self.hosts):
             self.remove_host(index)
         _run("ip", "link", "del", self.bridge, check=False)
+
+
+def sshd_setenv(env: dict[str, str]) -> str:
+    """The value of an sshd ``SetEnv`` line for ``env`` ('' for none); refuses what sshd would misread."""
+    for key, value in env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"{key!r} is not an environment variable name")
+        if any(c in value for c in '"\\\n\r'):
+            raise ValueError(f"{key}: a value for sshd SetEnv may not hold '\"', '\\' or a line break")
+    return " ".join(f'{k}="{v}"' for k, v in env.items())
+
+
+def paths_kept_in_tmp(paths: list[Path]) -> list[Path]:
+    """Of ``paths``, the existing ones under /tmp to bind back into a host's private /tmp, outermost only."""
+    under = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        if (resolved.is_relative_to("/tmp") and resolved != Path("/tmp") and resolved.exists()
+                and resolved not in under):
+            under.append(resolved)
+    return [p for p in under if not any(p != q and p.is_relative_to(q) for q in under)]
 
 
 def namespace_pids(ids: dict[str, str]) -> set[int]:

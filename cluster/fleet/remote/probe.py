@@ -81,6 +81,27 @@ def ray_pids(start_pidfile: str | None) -> list[int]:
     return sorted(set(pids))
 
 
+def visible_gpus(rows: list[tuple[str, str, str]], cuda_visible_devices: str | None) -> list[str]:
+    """Names of the GPUs a process here may use: nvidia-smi's ``(index, uuid, name)`` rows, narrowed as CUDA does.
+
+    nvidia-smi lists every GPU of the machine; ``CUDA_VISIBLE_DEVICES`` in the
+    host's environment (a host that owns some of a machine's GPUs) narrows what
+    Ray and vLLM there see, so preflight must count those. Entries are indices
+    or (prefixes of) UUIDs; CUDA ignores everything from the first entry that
+    names no GPU on.
+    """
+    if cuda_visible_devices is None:
+        return [name for _, _, name in rows]
+    chosen = []
+    for entry in cuda_visible_devices.split(","):
+        entry = entry.strip()
+        match = [r for r in rows if entry and (r[0] == entry or (entry.startswith("GPU-") and r[1].startswith(entry)))]
+        if len(match) != 1 or match[0] in chosen:
+            break
+        chosen.append(match[0])
+    return [name for _, _, name in chosen]
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = {"python": platform.python_version(), "executable": sys.executable,
@@ -92,9 +113,12 @@ def main() -> None:
     out["gpus"] = None
     if shutil.which("nvidia-smi"):
         try:
-            r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            r = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"],
                                capture_output=True, text=True, timeout=30)
-            out["gpus"] = [line.strip() for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else None
+            rows = [tuple(part.strip() for part in line.split(",", 2)) for line in r.stdout.splitlines()
+                    if line.count(",") >= 2]
+            out["gpus"] = visible_gpus(rows, os.environ.get("CUDA_VISIBLE_DEVICES")) if r.returncode == 0 else None
+            out["gpus_on_machine"] = len(rows) if r.returncode == 0 else None
             if r.returncode != 0:
                 out["gpu_error"] = (r.stderr or r.stdout).strip()[-300:]
         except Exception as exc:
