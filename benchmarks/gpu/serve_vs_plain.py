@@ -190,26 +190,32 @@ def report(args: argparse.Namespace) -> None:
               f"{f(r['plain_ttft_p50_ms'])} / {f(r['serve_ttft_p50_ms'])} | "
               f"{f(r['plain_tpot_p50_ms'])} / {f(r['serve_tpot_p50_ms'])} |")
     print(f"ready: {out['ready_s']}")
+    plot_ratio_bars(rows, ("plain_tok_s", "plain vllm serve"), ("serve_tok_s", "fleetserve serve"),
+                    f"{out['device']} @ {str(out['commit'])[:8]}", args.results_dir / f"{args.name}.png")
+
+
+def plot_ratio_bars(rows: list[dict[str, Any]], base: tuple[str, str], other: tuple[str, str], title: str,
+                    path: Path) -> None:
+    """Output tok/s per load, ``base`` and ``other`` (row key, legend label) side by side, the ratio above."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [r["load"] for r in rows]
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["plain_tok_s"] or 0 for r in rows], 0.4, label="plain vllm serve")
-    ax.bar([x + 0.2 for x in xs], [r["serve_tok_s"] or 0 for r in rows], 0.4, label="fleetserve serve")
+    ax.bar([x - 0.2 for x in xs], [r[base[0]] or 0 for r in rows], 0.4, label=base[1])
+    ax.bar([x + 0.2 for x in xs], [r[other[0]] or 0 for r in rows], 0.4, label=other[1])
     for x, r in zip(xs, rows):
         if r.get("ratio"):
-            ax.text(x, max(r["plain_tok_s"], r["serve_tok_s"]), f"{r['ratio'] * 100:.0f}%", ha="center",
-                    va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), labels, rotation=20)
+            ax.text(x, max(r[base[0]], r[other[0]]), f"{r['ratio'] * 100:.0f}%", ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xticks(list(xs), [r["load"] for r in rows], rotation=20)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"{out['device']} @ {str(out['commit'])[:8]}")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.results_dir / f"{args.name}.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:

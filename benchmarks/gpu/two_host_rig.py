@@ -799,26 +799,10 @@ def report(args: argparse.Namespace) -> None:
               f"{f(r['one_host_tpot_p50_ms'])} / {f(r['two_hosts_tpot_p50_ms'])} |")
     print(f"NCCL: {json.dumps({k: v['transports'] for k, v in merged['nccl'].items()})}")
     print(f"not run: {merged['not_run']}")
-    import matplotlib
+    from serve_vs_plain import plot_ratio_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = merged["rows"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["one_host_tok_s"] or 0 for r in rows], 0.4, label="one host")
-    ax.bar([x + 0.2 for x in xs], [r["two_hosts_tok_s"] or 0 for r in rows], 0.4, label="two emulated hosts")
-    for x, r in zip(xs, rows):
-        if r.get("ratio"):
-            ax.text(x, max(r["one_host_tok_s"], r["two_hosts_tok_s"]), f"{r['ratio'] * 100:.0f}%", ha="center",
-                    va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [r["load"] for r in rows], rotation=20)
-    ax.set_ylabel("output tokens/s")
-    ax.set_title(f"{out['device']} @ {str(out['commit'])[:8]}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.results_dir / f"{args.name}.png", dpi=120)
+    plot_ratio_bars(merged["rows"], ("one_host_tok_s", "one host"), ("two_hosts_tok_s", "two emulated hosts"),
+                    f"{out['device']} @ {str(out['commit'])[:8]}", args.results_dir / f"{args.name}.png")
 
 
 def main() -> None:
