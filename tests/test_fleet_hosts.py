@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -120,17 +119,6 @@ def record(name: str, counts: Counts | None = None, **extra: object) -> None:
         from provenance import provenance
 
         Path(path).write_text(json.dumps({**provenance(), **REPORT}, indent=1))
-
-
-def kill_raylet(emu: HostEmulator, index: int) -> int:
-    for pid in emu.hosts[index].pids():
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
-                os.kill(pid, signal.SIGKILL)
-                return pid
-        except OSError:
-            pass
-    raise AssertionError(f"no raylet on host {index}")
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +239,7 @@ def test_2_lost_host_with_a_second_replica_fails_no_request(fleet, three_hosts: 
         load.wait_served(2)
         load.window()
         retried_before = ingress_counters(BASE)["retried"]
-        kill_raylet(three_hosts, 3)
+        three_hosts.hosts[3].kill("raylet")
         took = wait_for(lambda: ip(3) not in {r["node_ip"] for r in replicas() if r["state"] == "RUNNING"},
                         300, "Serve drops the lost replica")
         load.wait_served(4)  # requests served by h2 alone after the drop
@@ -306,7 +294,7 @@ def test_5_lost_host_costs_seconds_not_an_outage(fleet, three_hosts: HostEmulato
         load.wait_served(1)
         load.window()
         t_kill = time.time()
-        kill_raylet(three_hosts, int(lost[-1]))
+        three_hosts.hosts[int(lost[-1])].kill("raylet")
         took = wait_for(lambda: running_on() == [spare], 900, "replica rebuilt on the remaining worker")
         wait_healthy(BASE, 120)
         t_recovered = time.time()

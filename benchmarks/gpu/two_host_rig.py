@@ -563,7 +563,7 @@ class Run:
         with Load(self.base, self.served, workers=4, max_tokens=32, api_key=self.key) as load:
             load.wait_served(4, timeout=min(120, self.left()))
             before = load.window()
-            pid = kill_raylet(victim)
+            pid = victim.kill("raylet")
             t_kill, wall_kill = time.monotonic(), time.time()
 
             def answered_since(wall: float, ok: bool) -> bool:
@@ -715,18 +715,6 @@ def shutil_rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def kill_raylet(host: Any) -> int:
-    """SIGKILL the raylet in an emulated host's PID namespace; its PID here."""
-    for pid in host.pids():
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
-                os.kill(pid, signal.SIGKILL)
-                return pid
-        except OSError:
-            continue
-    raise RuntimeError(f"no raylet on {host.name}")
 
 
 def stop_serve(proc: subprocess.Popen) -> None:

@@ -169,13 +169,28 @@ class EmulatedHost:
         return ids
 
     def process_names(self) -> list[str]:
-        names = []
+        return [name for _, name in self._named_pids()]
+
+    def kill(self, name: str) -> int:
+        """SIGKILL the first process of this host whose command name is ``name`` (a host losing its
+        ``raylet``, say); its PID here. AssertionError when the host runs none."""
+        for pid, comm in self._named_pids():
+            if comm == name:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+                except ProcessLookupError:
+                    continue
+        raise AssertionError(f"no {name} on {self.name}")
+
+    def _named_pids(self) -> list[tuple[int, str]]:
+        named = []
         for pid in self.pids():
             try:
-                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+                named.append((pid, Path(f"/proc/{pid}/comm").read_text().strip()))
             except OSError:
                 continue
-        return names
+        return named
 
 
 class HostEmulator:
