@@ -28,6 +28,8 @@ class Counts:
     status_503_with_retry_after: int = 0
     timeouts: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    #: What the 503s said (their first words), counted: which path turned requests away.
+    reasons_503: dict[str, int] = field(default_factory=dict)
     max_latency_s: float = 0.0
 
 
@@ -89,6 +91,10 @@ class Load:
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 retry_after = exc.response.headers.get("retry-after")
+                if status == 503:
+                    reason = str(exc.message)[:100]
+                    with self._lock:
+                        self.counts.reasons_503[reason] = self.counts.reasons_503.get(reason, 0) + 1
             except openai.APITimeoutError:
                 status = 0
                 self._bump(timeouts=1)
@@ -145,8 +151,9 @@ def add(*windows: Counts) -> Counts:
                   "timeouts"):
             setattr(total, k, getattr(total, k) + getattr(w, k))
         total.max_latency_s = max(total.max_latency_s, w.max_latency_s)
-        for k, v in w.errors.items():
-            total.errors[k] = total.errors.get(k, 0) + v
+        for mine, theirs in ((total.errors, w.errors), (total.reasons_503, w.reasons_503)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
     return total
 
 

@@ -156,9 +156,12 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
     token_env = pytest.MonkeyPatch()
     token_env.setenv("RAY_AUTH_MODE", "token")
     token_env.setenv("RAY_AUTH_TOKEN_PATH", r.stdout.strip())
+    # downscale_delay_s: while a replica's engine starts, the 2 shared cores starve the ingress and
+    # its load metrics reach Serve late; with 20 s Serve took that for idleness and stopped the
+    # starting replica (seen: 526 s until the second replica ran).
     args = tiny_args(tiny_qwen2(), MODEL, replica_cpus=1.0, cpus_per_worker=1.0, replicas={
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.2,
-                        "upscale_delay_s": 2, "downscale_delay_s": 20},
+                        "upscale_delay_s": 2, "downscale_delay_s": 60},
         "max_ongoing_requests": 4,
         "health_check_period_s": 2, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 20,
     }, request_timeout_s=120, retry_attempts=2)
