@@ -105,3 +105,18 @@ def test_a_request_without_max_tokens_gets_the_cap():
     uncapped = ChatCompletionRequest(model="m", messages=messages)
     apply_limits(uncapped, open_ended, chat=True)
     assert uncapped.max_tokens is None
+
+
+def test_malformed_fields_are_validation_errors_not_crashes():
+    """vLLM's validators call ``.get`` on what should be a dict: the routes' models make that a 4xx."""
+    from pydantic import ValidationError
+
+    from cluster.serving.limits import ChatRequest, CompletionsRequest
+
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(ValidationError, match="malformed"):
+        ChatRequest.model_validate({"model": "m", "messages": messages, "structured_outputs": True})
+    with pytest.raises(ValidationError):
+        CompletionsRequest.model_validate({"model": "m", "prompt": "x", "structured_outputs": True})
+    ok = ChatRequest.model_validate({"model": "m", "messages": messages, "max_tokens": 3})
+    assert ok.max_tokens == 3 and isinstance(ok, ChatRequest)

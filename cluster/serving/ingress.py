@@ -43,9 +43,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 from ray.serve.llm.ingress import OpenAiIngress
-from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from cluster.serving.limits import InFlight, RequestRejected, apply_limits
+from cluster.serving.limits import ChatRequest, CompletionsRequest, InFlight, RequestRejected, apply_limits
 from cluster.serving.media import ImageFetcher, check_image_bytes, image_parts, media_url_problem, to_data_url
 from cluster.serving.status import failure_reason
 from cluster.serving.spec import EndpointSpec, MediaPolicy
@@ -397,7 +396,7 @@ class FleetIngress(OpenAiIngress):
         finally:
             self._in_flight.leave(model)
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:  # type: ignore[override]
+    async def chat(self, body: ChatRequest, request: Request) -> Response:  # type: ignore[override]
         try:
             await self._check_chat(body)
         except RequestRejected as rej:
@@ -406,7 +405,7 @@ class FleetIngress(OpenAiIngress):
             return _error(exc.status_code, client_message(exc.message, exc.status_code), exc.type)
         return await self._admitted(super().chat, body, request)
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:  # type: ignore[override]
+    async def completions(self, body: CompletionsRequest, request: Request) -> Response:  # type: ignore[override]
         try:
             apply_limits(body, self._endpoint.limits, chat=False)
         except RequestRejected as rej:

@@ -4,9 +4,12 @@
   counted while it streams in (a missing or false Content-Length does not help).
 * :func:`apply_limits` -- ``n``/``best_of`` and ``max_tokens`` against the spec
   (a request that names no ``max_tokens`` gets the cap: omitting the field
-  must not buy a generation up to the context length), and the message shape vLLM's chat template code assumes (a dict with a
-  ``role``), each a 400 with a short reason instead of a 500 from deep inside
-  the replica.
+  must not buy a generation up to the context length), and the message shape
+  vLLM's chat template code assumes (a dict with a ``role``), each a 400 with a
+  short reason instead of a 500 from deep inside the replica.
+* :class:`ChatRequest`, :class:`CompletionsRequest` -- the request models the
+  routes parse with: an exception from vLLM's own validators on a malformed
+  field is a 4xx, not a 500.
 * :class:`InFlight` -- a per-model bound on requests the ingress holds; a full
   queue is answered 503 + Retry-After at once instead of an unbounded wait.
 """
@@ -17,6 +20,9 @@ import logging
 from collections import Counter
 from typing import Any
 
+from pydantic import ValidationError, model_validator
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
 from cluster.serving.auth import send_json_error
 from cluster.serving.spec import RequestLimits
 
@@ -24,6 +30,33 @@ logger = logging.getLogger("ray.serve")
 
 #: Roles the OpenAI chat API defines (vLLM's templates index ``message["role"]``).
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def _malformed_is_client_error(cls, data: Any, handler: Any) -> Any:
+    """Turn any exception a request model's own validators raise into a validation error (a 4xx).
+
+    vLLM's validators assume well-typed input and raise AttributeError/TypeError on
+    other shapes (``"structured_outputs": true`` -> ``bool.get``), which FastAPI
+    would answer with a 500. Correct bodies pass through untouched.
+    """
+    try:
+        return handler(data)
+    except ValidationError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"the request body is malformed ({type(exc).__name__}: a field has the wrong type)") from None
+
+
+class ChatRequest(ChatCompletionRequest):
+    """Ray Serve LLM's chat request, with malformed bodies answered as the client's error."""
+
+    _client_errors = model_validator(mode="wrap")(_malformed_is_client_error)
+
+
+class CompletionsRequest(CompletionRequest):
+    """Ray Serve LLM's completion request, with malformed bodies answered as the client's error."""
+
+    _client_errors = model_validator(mode="wrap")(_malformed_is_client_error)
 
 
 class RequestRejected(Exception):
