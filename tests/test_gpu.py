@@ -26,7 +26,6 @@ import io
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from waiting import wait_for
+from waiting import stop_like_ctrl_c, wait_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(3600)]
 
@@ -117,17 +116,6 @@ def serve_env(key_file: Path, key: str) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End ``fleetserve serve`` the way Ctrl-C does: it deletes the app and stops its Ray head."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="class")
 def endpoint(gpus: int, model_dir: Path, api_key: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """``fleetserve serve deployments/qwen25_vl.yaml --set ...`` with FlagGems on, until /health says 200."""
@@ -148,7 +136,7 @@ def endpoint(gpus: int, model_dir: Path, api_key: tuple[str, Path], tmp_path_fac
                      state=lambda: log_path.read_text()[-2000:])
             yield {"key": key, "headers": {"Authorization": f"Bearer {key}"}, "tp": gpus}
         finally:
-            stop(proc)
+            stop_like_ctrl_c(proc, grace_s=180)
 
 
 def chat(ep: dict, content: object) -> httpx.Response:

@@ -7,6 +7,9 @@ test stands a ``time.sleep`` in for a condition.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -48,3 +51,15 @@ def wait_healthy(base: str, timeout: float, poll: float = 2.0) -> float:
         return r.status_code == 200
 
     return wait_for(healthy, timeout, f"{base}/health answering 200", poll=poll, state=lambda: last[0])
+
+
+def stop_like_ctrl_c(proc: subprocess.Popen, grace_s: float) -> None:
+    """End a foreground ``fleetserve serve`` as Ctrl-C does (it deletes its app and stops the Ray head
+    it started); its whole process group is killed if it has not exited within ``grace_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

@@ -52,7 +52,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import command_line, provenance  # noqa: E402
+from waiting import stop_like_ctrl_c  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FILE = ROOT / "deployments" / "qwen25_vl.yaml"
@@ -644,7 +644,7 @@ class Run:
             out.update(self.bench(base))
             return out
         finally:
-            stop_serve(proc)
+            stop_like_ctrl_c(proc, grace_s=90)
             self.result["nccl_single"] = self.nccl("single")
 
     def save_host_logs(self) -> None:
@@ -715,17 +715,6 @@ def shutil_rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def stop_serve(proc: subprocess.Popen) -> None:
-    """End a foreground ``fleetserve serve`` as Ctrl-C does (it deletes the app and stops its Ray head)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def png_data_url(size: int = 224) -> str:
