@@ -6,7 +6,7 @@
 # every shared library those binaries load, except libc6 (the machine's own C library is used).
 # The libraries are found by asking this machine's loader (ldd) and dpkg which package owns
 # each, so the set matches the binaries exactly. Result: .rig-debs/*.deb (git-ignored, a few
-# MiB), carried in a device call and unpacked there by benchmarks/gpu/rig-tools.sh, outside /.
+# MiB; plus paramiko's wheels in .rig-debs/wheels), carried in a device call and unpacked there by benchmarks/gpu/rig-tools.sh, outside /.
 #   bash benchmarks/gpu/rig-debs.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,4 +32,9 @@ pkgs=$(printf '%s\n' $pkgs | sort -u | tr '\n' ' ')
 rm -rf .rig-debs && mkdir -p .rig-debs
 (cd .rig-debs && apt-get download $pkgs >/dev/null)
 echo "$pkgs" > .rig-debs/PACKAGES
-echo "$(ls .rig-debs/*.deb | wc -l) packages in .rig-debs ($(du -sh .rig-debs | cut -f1)): $pkgs"
+# fleetserve's own SSH library: the serving-stack bundle (../shared/gpu) holds vLLM's and Ray's
+# dependencies, not paramiko's closure; the GPU image's Python is CPython 3.12.
+${PIP:-.venv/bin/pip} download -q -d .rig-debs/wheels --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_34_x86_64 'paramiko>=3.4' >/dev/null
+echo "$(ls .rig-debs/*.deb | wc -l) packages and $(ls .rig-debs/wheels | wc -l) wheels in .rig-debs ($(du -sh .rig-debs | cut -f1)): $pkgs $(ls .rig-debs/wheels)"

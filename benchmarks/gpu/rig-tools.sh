@@ -7,6 +7,7 @@
 # libraries apply to that program alone, never to what it starts (`ip netns exec unshare
 # ...`, the shells sshd opens), unlike LD_LIBRARY_PATH. sshd runs with -r (no re-exec: a
 # re-exec would start the binary without the loader). PREFIX/wrap goes first on PATH.
+# The carried wheels (paramiko's closure) go to PREFIX/py, last on PYTHONPATH.
 _rig_debs=${1:-.rig-debs}
 _rig_prefix=${2:-/tmp/rigroot}
 if [ ! -x "$_rig_prefix/wrap/sshd" ]; then
@@ -39,8 +40,14 @@ PY
     chmod 755 "$_rig_prefix/wrap/$_name"
   done
 fi
+# fleetserve's SSH library (not in the serving-stack bundle), after the bundle on PYTHONPATH.
+if [ ! -f "$_rig_prefix/py/.ok" ] && ls "$_rig_debs"/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index --target "$_rig_prefix/py" "$_rig_debs"/wheels/*.whl \
+    && touch "$_rig_prefix/py/.ok" || return 1
+fi
+case ":${PYTHONPATH:-}:" in *":$_rig_prefix/py:"*) ;; *) export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$_rig_prefix/py";; esac
 case ":$PATH:" in *":$_rig_prefix/wrap:"*) ;; *) export PATH="$_rig_prefix/wrap:$PATH";; esac
 # The emulator's sshd, and the prefix the rig keeps visible in each emulated host's private /tmp.
 export FLEETSERVE_SSHD="$_rig_prefix/wrap/sshd" FLEETSERVE_TOOLS_PREFIX="$_rig_prefix"
-echo "rig tools from $_rig_prefix: $(ip -V 2>&1 | head -1); $(sshd -V 2>&1 | head -1)" >&2
+echo "rig tools from $_rig_prefix: $(ip -V 2>&1 | head -1); $(sshd -V 2>&1 | head -1); $(python3 -c 'import paramiko; print("paramiko", paramiko.__version__)' 2>&1 | tail -1)" >&2
 unset _rig_debs _rig_prefix _rig_ldso _rig_libs _tool _name _extra _deb
