@@ -10,6 +10,7 @@ Bearer token).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,19 +25,21 @@ KEEP = ("completed", "failed", "duration", "output_throughput", "request_through
 
 def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency: int, prompts: int,
                 workdir: Path, input_len: int = 512, output_len: int = 128, images: int = 2,
-                image_size: int = 448, timeout: float | None = None) -> dict[str, Any]:
+                image_size: int = 448, timeout: float | None = None, api_key: str | None = None) -> dict[str, Any]:
     """One ``vllm bench serve`` run at ``concurrency``; vLLM's figures (``KEEP``) or ``error``.
 
     ``dataset`` is ``random`` (``input_len`` tokens in, ``output_len`` out, ``--ignore-eos``) or
     ``random-mm`` (the same plus ``images`` random images of ``image_size`` px square per request).
     ``timeout``: seconds the client may run (a caller's deadline); past it, ``error``.
+    ``api_key``: the endpoint's key (else ``OPENAI_API_KEY`` of this process, if any).
+    Failed requests keep the first error vLLM's client recorded (``first_error``).
     """
     name = f"{dataset}_c{concurrency}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
            "--endpoint", "/v1/chat/completions", "--base-url", base, "--model", model,
            "--tokenizer", tokenizer, "--dataset-name", dataset, "--num-prompts", str(prompts),
            "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0", "--save-result",
-           "--result-dir", str(workdir), "--result-filename", f"{name}.json", "--percentile-metrics",
+           "--save-detailed", "--result-dir", str(workdir), "--result-filename", f"{name}.json", "--percentile-metrics",
            "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--random-input-len", str(input_len), "--random-output-len", str(output_len)]
     if dataset == "random-mm":
@@ -46,7 +49,8 @@ def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency
     t0 = time.monotonic()
     out: dict[str, Any] = {"load": name, "dataset": dataset, "concurrency": concurrency, "prompts": prompts}
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        env = {**os.environ, **({"OPENAI_API_KEY": api_key} if api_key else {})}
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**out, "seconds": round(time.monotonic() - t0, 1), "error": f"not done within {timeout:.0f}s"}
     out["seconds"] = round(time.monotonic() - t0, 1)
@@ -56,6 +60,8 @@ def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency
         return out
     res = json.loads(path.read_text())
     out.update({key: res.get(key) for key in KEEP})
+    if res.get("failed"):
+        out["first_error"] = next((str(e)[-500:] for e in res.get("errors") or [] if e), None)
     return out
 
 

@@ -546,13 +546,13 @@ class Run:
                     continue
                 runs.append(bench_serve(base, self.served, str(self.model_dir), dataset, concurrency, prompts, Path(tmp),
                                         input_len=512 if dataset == "random" else 128, output_len=128,
-                                        timeout=self.left() - 20))
+                                        timeout=self.left() - 20, api_key=self.key))
                 print(f"[rig] {json.dumps(runs[-1])[:400]}", flush=True)
                 self.result.setdefault("partial_loads", {})[runs[-1]["load"]] = runs[-1]
                 self.write()
         self.result.pop("partial_loads", None)
         return {"loads": runs, "problems": [f"{r['load']}: {str(r.get('error'))[-300:]}" for r in runs if "error" in r]
-                + [f"{r['load']}: {r['failed']} failed" for r in runs if r.get("failed")]}
+                + [f"{r['load']}: {r['failed']} failed ({r.get('first_error')})" for r in runs if r.get("failed")]}
 
     def fault(self) -> dict[str, Any]:
         """Kill host 2's raylet under load; every answer a 200, a 503 with Retry-After or a cut stream; repair."""

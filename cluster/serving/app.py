@@ -25,6 +25,9 @@ from cluster.serving.spec import DeploymentSpec, ServingArgs, check_endpoint_exp
 from cluster.errors import ConfigErrors
 
 SERVER_CLS = "cluster.serving.engine:FleetLLMServer"
+#: A custom resource Ray puts on the head node only (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``
+#: in Ray 2.58.0; written out here rather than imported from a private module).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def engine_kwargs_for(spec: DeploymentSpec) -> dict[str, Any]:
@@ -178,8 +181,12 @@ def compose_app(serving: ServingArgs, api_key_digests: tuple[bytes, ...] = ()):
     options.update(
         name="FleetIngress",
         num_replicas=serving.ingress_replicas,
-        # The ingress only routes; on small hosts it must not wait for a whole CPU.
-        ray_actor_options={"num_cpus": 0.1},
+        # The ingress only routes; on small hosts it must not wait for a whole CPU. It sits
+        # on the head node, beside Serve's HTTP proxy (proxy_location: HeadOnly): a request
+        # takes no extra network hop, and losing a GPU host never takes the ingress with it
+        # (proxy -> a dead ingress is a 500 from Serve, not our 503 + Retry-After). Ray gives
+        # the head node this resource; Ray Train pins its state actor the same way.
+        ray_actor_options={"num_cpus": 0.1, "resources": {HEAD_NODE_RESOURCE: 0.001}},
         max_ongoing_requests=4096,
     )
     return serve.deployment(ingress, **options).bind(

@@ -24,6 +24,8 @@ logger = logging.getLogger("ray.serve")
 #: How often a replica re-publishes its FlagGems gauges (reports change when
 #: workers start, die or record calls); Ray exports every few seconds anyway.
 METRICS_PERIOD_S = 10.0
+#: How often a replica checks that the nodes holding its TP/PP workers are alive (one GCS read).
+WORKER_NODES_PERIOD_S = 2.0
 
 
 class FleetLLMServer(LLMServer):
@@ -57,6 +59,35 @@ class FleetLLMServer(LLMServer):
         from cluster.serving.metrics import keep_engine_gauges
 
         self._gauges_task = asyncio.get_running_loop().create_task(keep_engine_gauges(self))
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_worker_nodes())
+
+    async def _watch_worker_nodes(self) -> None:
+        """End this replica at once when a node holding its vLLM workers is gone.
+
+        vLLM's Ray executor does not notice a lost pipeline stage (vLLM 0.26.0, seen on
+        two emulated GPU hosts): requests wait on it forever while the engine still passes
+        Serve's health check, so Serve keeps routing to a replica that cannot answer.
+        Exiting turns that into the failure the ingress handles: this replica's calls fail
+        at once (retried, then 503 + Retry-After) and Serve starts a replacement where the
+        resources are.
+        """
+        import ray
+
+        nodes = await asyncio.to_thread(_placement_group_nodes)
+        if not nodes:
+            return
+        while True:
+            await asyncio.sleep(WORKER_NODES_PERIOD_S)
+            try:
+                alive = {n["NodeID"] for n in await asyncio.to_thread(ray.nodes) if n.get("Alive")}
+            except Exception:
+                logger.warning("fleetserve: cannot read Ray's node table", exc_info=True)
+                continue
+            lost = nodes - alive
+            if lost:
+                logger.error("fleetserve: node(s) %s holding this replica's vLLM workers are gone; ending the "
+                             "replica so that Serve replaces it and its requests fail over", ", ".join(sorted(lost)))
+                os._exit(1)
 
     def _batch_output_stream(self, generator: Any) -> Any:
         """First chunk at once, then batched (see :mod:`cluster.serving.streaming`).
@@ -122,6 +153,16 @@ class FleetLLMServer(LLMServer):
 
 class ReplicaStartError(RuntimeError):
     """A replica that cannot start because of its config; Serve shows the message in the deployment status."""
+
+
+def _placement_group_nodes() -> set[str]:
+    """Node IDs of the placement group this replica runs in (its vLLM workers' bundles)."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return set()
+    return {node for node in ray.util.placement_group_table(pg).get("bundles_to_node_id", {}).values() if node}
 
 
 def _node_ip() -> str:
