@@ -5,8 +5,9 @@ executor for TP x PP, the OpenAI serving layer). What it cannot know about is
 the FlagGems switch: a deployment that asked for Triton kernels must fail on a
 host that cannot run them (CPU-only, no Triton) with a clear message, before
 minutes of model loading, and must say which kernels its workers patched. That
-is all this subclass adds -- plus publishing that report (and a join key for
-vLLM's series) as Ray metrics, see :mod:`cluster.serving.metrics`.
+is what this subclass adds, with publishing that report (and a join key for
+vLLM's series) as Ray metrics (:mod:`cluster.serving.metrics`) and ending the
+replica when a host of its TP/PP workers is lost (``_watch_worker_nodes``).
 """
 
 from __future__ import annotations
