@@ -120,3 +120,32 @@ def test_malformed_fields_are_validation_errors_not_crashes():
         CompletionsRequest.model_validate({"model": "m", "prompt": "x", "structured_outputs": True})
     ok = ChatRequest.model_validate({"model": "m", "messages": messages, "max_tokens": 3})
     assert ok.max_tokens == 3 and isinstance(ok, ChatRequest)
+
+
+def test_a_replica_ends_itself_when_a_host_of_its_workers_is_lost(monkeypatch):
+    """vLLM does not notice a lost PP stage; the replica's watch turns it into a replica failure."""
+    import asyncio
+
+    import ray
+
+    from cluster.serving import engine
+
+    monkeypatch.setattr(engine, "_placement_group_nodes", lambda: {"node-a", "node-b"})
+    monkeypatch.setattr(engine, "WORKER_NODES_PERIOD_S", 0)
+    tables = iter([[{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}],
+                   [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": False}]])
+    monkeypatch.setattr(ray, "nodes", lambda: next(tables))
+
+    class Exited(Exception):
+        pass
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(engine.os, "_exit", exit_)
+    server = engine.FleetLLMServer.__new__(engine.FleetLLMServer)
+    with pytest.raises(Exited):
+        asyncio.run(server._watch_worker_nodes())
+    # Outside a placement group (no TP/PP workers of its own) there is nothing to watch.
+    monkeypatch.setattr(engine, "_placement_group_nodes", set)
+    asyncio.run(server._watch_worker_nodes())
