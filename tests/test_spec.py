@@ -242,3 +242,19 @@ def test_unreadable_files_are_clear_errors(tmp_path):
     nul.write_text("applications: []\x00")
     with pytest.raises(ConfigError, match="NUL"):
         load_serve_config(nul)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_local_model_skips_ray_serve_llms_per_node_download_tasks(tmp_path, local):
+    """A local directory has nothing to download: no per-node tasks (each a cold Ray worker)."""
+    import asyncio
+
+    from ray.serve.llm import LLMConfig
+
+    from cluster.serving.engine import LocalModelNodeInit
+
+    source = str(tmp_path) if local else "org/some-hub-id"
+    callback = LLMConfig(**llm_config_for(_one({"model": source}))).get_or_create_callback()
+    assert isinstance(callback, LocalModelNodeInit)
+    asyncio.run(callback.run_callback("on_before_node_init"))
+    assert callback.ctx.run_init_node is (not local)

@@ -25,6 +25,7 @@ from cluster.serving.spec import DeploymentSpec, ServingArgs, check_endpoint_exp
 from cluster.errors import ConfigErrors
 
 SERVER_CLS = "cluster.serving.engine:FleetLLMServer"
+NODE_INIT_CALLBACK = "cluster.serving.engine:LocalModelNodeInit"
 #: A custom resource Ray puts on the head node only (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``
 #: in Ray 2.58.0; written out here rather than imported from a private module).
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -76,6 +77,7 @@ def llm_config_for(spec: DeploymentSpec) -> dict[str, Any]:
         },
         "runtime_env": runtime_env_for(spec),
         "server_cls": SERVER_CLS,
+        "callback_config": {"callback_class": NODE_INIT_CALLBACK},
         "log_engine_metrics": True,
     }
     if spec.accelerator_type:
