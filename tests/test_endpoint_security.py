@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import http.server
-import os
 import struct
 import threading
 import time

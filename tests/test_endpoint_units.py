@@ -130,7 +130,7 @@ def test_a_replica_ends_itself_when_a_host_of_its_workers_is_lost(monkeypatch):
 
     from cluster.serving import engine
 
-    monkeypatch.setattr(engine, "_placement_group_nodes", lambda: {"node-a", "node-b"})
+    monkeypatch.setattr(engine, "_other_worker_nodes", lambda: {"node-b"})
     monkeypatch.setattr(engine, "WORKER_NODES_PERIOD_S", 0)
     tables = iter([[{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}],
                    [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": False}]])
@@ -146,6 +146,6 @@ def test_a_replica_ends_itself_when_a_host_of_its_workers_is_lost(monkeypatch):
     server = engine.FleetLLMServer.__new__(engine.FleetLLMServer)
     with pytest.raises(Exited):
         asyncio.run(server._watch_worker_nodes())
-    # Outside a placement group (no TP/PP workers of its own) there is nothing to watch.
-    monkeypatch.setattr(engine, "_placement_group_nodes", set)
+    # No worker on another node (or no placement group): nothing to watch.
+    monkeypatch.setattr(engine, "_other_worker_nodes", set)
     asyncio.run(server._watch_worker_nodes())

@@ -6,7 +6,8 @@
 # every shared library those binaries load, except libc6 (the machine's own C library is used).
 # The libraries are found by asking this machine's loader (ldd) and dpkg which package owns
 # each, so the set matches the binaries exactly. Result: .rig-debs/*.deb (git-ignored, a few
-# MiB; plus paramiko's wheels in .rig-debs/wheels), carried in a device call and unpacked there by benchmarks/gpu/rig-tools.sh, outside /.
+# MiB; plus paramiko's wheels in .rig-debs/wheels), carried in a device call and unpacked
+# there by benchmarks/gpu/rig-tools.sh, outside /.
 #   bash benchmarks/gpu/rig-debs.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."

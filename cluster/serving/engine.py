@@ -77,9 +77,9 @@ class FleetLLMServer(LLMServer):
         """
         import ray
 
-        nodes = await asyncio.to_thread(_placement_group_nodes)
+        nodes = await asyncio.to_thread(_other_worker_nodes)
         if not nodes:
-            return
+            return  # all workers on this replica's own node: losing it ends this process anyway
         while True:
             await asyncio.sleep(WORKER_NODES_PERIOD_S)
             try:
@@ -175,14 +175,15 @@ class ReplicaStartError(RuntimeError):
     """A replica that cannot start because of its config; Serve shows the message in the deployment status."""
 
 
-def _placement_group_nodes() -> set[str]:
-    """Node IDs of the placement group this replica runs in (its vLLM workers' bundles)."""
+def _other_worker_nodes() -> set[str]:
+    """Node IDs of this replica's placement group (its vLLM workers' bundles) other than its own node."""
     import ray
 
     pg = ray.util.get_current_placement_group()
     if pg is None:
         return set()
-    return {node for node in ray.util.placement_group_table(pg).get("bundles_to_node_id", {}).values() if node}
+    nodes = {node for node in ray.util.placement_group_table(pg).get("bundles_to_node_id", {}).values() if node}
+    return nodes - {ray.get_runtime_context().get_node_id()}
 
 
 def _node_ip() -> str:
