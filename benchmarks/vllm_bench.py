@@ -25,13 +25,15 @@ KEEP = ("completed", "failed", "duration", "output_throughput", "request_through
 
 def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency: int, prompts: int,
                 workdir: Path, input_len: int = 512, output_len: int = 128, images: int = 2,
-                image_size: int = 448, timeout: float | None = None, api_key: str | None = None) -> dict[str, Any]:
+                image_size: int = 448, timeout: float | None = None, api_key: str | None = None,
+                warmups: int = 0) -> dict[str, Any]:
     """One ``vllm bench serve`` run at ``concurrency``; vLLM's figures (``KEEP``) or ``error``.
 
     ``dataset`` is ``random`` (``input_len`` tokens in, ``output_len`` out, ``--ignore-eos``) or
     ``random-mm`` (the same plus ``images`` random images of ``image_size`` px square per request).
     ``timeout``: seconds the client may run (a caller's deadline); past it, ``error``.
     ``api_key``: the endpoint's key (else ``OPENAI_API_KEY`` of this process, if any).
+    ``warmups``: requests vLLM's client sends at ``concurrency`` before it measures (``--num-warmups``).
     Failed requests keep the first error vLLM's client recorded (``first_error``).
     """
     name = f"{dataset}_c{concurrency}"
@@ -42,12 +44,15 @@ def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency
            "--save-detailed", "--result-dir", str(workdir), "--result-filename", f"{name}.json", "--percentile-metrics",
            "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--random-input-len", str(input_len), "--random-output-len", str(output_len)]
+    if warmups:
+        cmd += ["--num-warmups", str(warmups)]
     if dataset == "random-mm":
         cmd += ["--random-mm-base-items-per-request", str(images), "--random-mm-num-mm-items-range-ratio", "0",
                 "--random-mm-limit-mm-per-prompt", json.dumps({"image": images, "video": 0}),
                 "--random-mm-bucket-config", f"{{({image_size}, {image_size}, 1): 1.0}}"]
     t0 = time.monotonic()
-    out: dict[str, Any] = {"load": name, "dataset": dataset, "concurrency": concurrency, "prompts": prompts}
+    out: dict[str, Any] = {"load": name, "dataset": dataset, "concurrency": concurrency, "prompts": prompts,
+                           "warmups": warmups}
     try:
         env = {**os.environ, **({"OPENAI_API_KEY": api_key} if api_key else {})}
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

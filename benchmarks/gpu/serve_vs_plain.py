@@ -9,8 +9,20 @@ Both sides are measured by the same client, ``vllm bench serve`` (openai-chat,
 * ``plain``: ``vllm serve`` with the *same* engine flags, derived from the same
   resolved spec by :func:`cluster.serving.app.engine_kwargs_for`, so the two
   cannot drift; ready when vLLM's ``/health`` says 200.
+* ``stock``: the same ``LLMConfig`` served by ray.serve.llm's own
+  ``build_openai_app`` (its ``LLMServer`` and ``OpenAiIngress``, none of
+  fleetserve's classes): what Ray Serve LLM costs before fleetserve adds anything.
+* ``direct``: ``stock`` with ``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` and
+  ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Ray 2.58: the LLM replica serves HTTP itself
+  behind HAProxy, which Ray runs in place of its Python proxy; tokens cross no
+  actor hop).
 
-vLLM's compile cache is removed before each phase (both start cold).
+``--label`` names a run (several runs of one phase with different ``--set`` or
+``--env``, e.g. ``serve`` with ``ingress_replicas=4``); ``report`` compares every
+run with ``plain``. Each load is preceded by ``vllm bench serve``'s warm-up at
+the same concurrency (``--num-warmups``), so JIT compiles at a new batch size
+land outside the measured window on both sides. vLLM's compile cache is removed
+before each run unless ``--warm-cache`` (ready times compare only between cold runs).
 
     # on the GPU machine, stack staged (see benchmarks/gpu/README.md):
     python3 benchmarks/gpu/serve_vs_plain.py run --phase serve --model-dir DIR --out $OUT/serve.json \
@@ -94,26 +106,80 @@ def wait_health(url: str, proc: subprocess.Popen, deadline: float) -> float | No
 
 
 def bench(base: str, spec, dataset: str, concurrency: int, prompts: int, workdir: Path) -> dict[str, Any]:
-    """One load through the shared client (benchmarks/vllm_bench.py: ``vllm bench serve``)."""
+    """One load through the shared client (benchmarks/vllm_bench.py: ``vllm bench serve``), after a warm-up."""
     return bench_serve(base, spec.served_name, spec.model.source, dataset, concurrency, prompts, workdir,
-                       input_len=512 if dataset == "random" else 128, output_len=128)
+                       input_len=512 if dataset == "random" else 128, output_len=128, warmups=concurrency)
+
+
+def wait_chat(base: str, model: str, proc: subprocess.Popen, deadline: float) -> float | None:
+    """Seconds until a one-token chat answers 200 (ray.serve.llm's own app has no readiness route)."""
+    import httpx
+
+    t0 = time.monotonic()
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    headers = {"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'none')}"}
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None
+        try:
+            if httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return None
+
+
+def stock_server(args: argparse.Namespace) -> None:
+    """Serve the spec's ``LLMConfig`` with ray.serve.llm's ``build_openai_app`` on a local Ray; block until killed."""
+    import ray
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    from cluster.serving.app import llm_config_for
+
+    spec = resolved_spec(args.file, args.set, args.model_dir)
+    config = llm_config_for(spec)
+    for fleetserve_part in ("server_cls", "callback_config"):  # ray.serve.llm's own classes only
+        config.pop(fleetserve_part)
+    config["engine_kwargs"]["enable_log_requests"] = False
+    ray.init(include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_openai_app({"llm_configs": [LLMConfig(**config)]}), name="stock", route_prefix="/",
+              blocking=False)
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    while not stop[0]:
+        time.sleep(0.5)
+    serve.shutdown()
+    ray.shutdown()
 
 
 def run(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.deadline_s
     spec = resolved_spec(args.file, args.set, args.model_dir)
-    shutil.rmtree(Path.home() / ".cache" / "vllm", ignore_errors=True)  # both phases start cold
-    env = {**os.environ, "QWEN25_VL_32B_PATH": args.model_dir}
+    if not args.warm_cache:
+        shutil.rmtree(Path.home() / ".cache" / "vllm", ignore_errors=True)  # every run starts cold
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    if args.phase == "direct":  # Ray 2.58 routes direct streaming through its HAProxy ingress only
+        extra_env.update(RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING="1", RAY_SERVE_ENABLE_HA_PROXY="1")
+        # HAProxy asks for ~2.5 file descriptors per allowed connection and exits below that hard limit
+        # (20000 connections by default, more than common hard limits allow).
+        extra_env.setdefault("RAY_SERVE_HAPROXY_MAXCONN", "4096")
+    env = {**os.environ, "QWEN25_VL_32B_PATH": args.model_dir, **extra_env}
+    sets = [x for item in args.set for x in ("--set", item)]
+    health = f"http://127.0.0.1:{PORT}/health"
     if args.phase == "serve":
-        cmd = [sys.executable, "-m", "cluster.cli", "serve", str(args.file), "--ready-timeout", str(args.deadline_s)]
-        for item in args.set:
-            cmd += ["--set", item]
-        health = f"http://127.0.0.1:{PORT}/health"
-    else:
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", str(args.file), "--ready-timeout", str(args.deadline_s),
+               *sets]
+    elif args.phase == "plain":
         cmd = plain_command(spec, PORT)
-        health = f"http://127.0.0.1:{PORT}/health"
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "stock-server", "--file", str(args.file),
+               "--model-dir", args.model_dir, *sets]
     result: dict[str, Any] = {
-        "phase": args.phase, **provenance(), "host": platform.node(),
+        "phase": args.phase, "label": args.label or args.phase, "extra_env": extra_env, "warm_cache": args.warm_cache,
+        **provenance(), "host": platform.node(),
         "server_command": " ".join(c if c != os.environ.get("OPENAI_API_KEY") else "<key>" for c in cmd), "file": str(args.file.relative_to(ROOT)), "overrides": args.set,
         "model": spec.served_name, "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size, "flaggems": spec.flaggems.enabled,
@@ -124,7 +190,8 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        ready = wait_health(health, proc, deadline)
+        ready = (wait_health(health, proc, deadline) if args.phase in ("serve", "plain") else
+                 wait_chat(f"http://127.0.0.1:{PORT}", spec.served_name, proc, deadline))
         result["ready_s"] = round(ready, 1) if ready is not None else None
         result["loads"] = []
         if ready is None:
@@ -156,79 +223,111 @@ def run(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    runs = {r["phase"]: r for r in (json.loads(Path(p).read_text()) for p in args.results)}
-    serve, plain = runs.get("serve"), runs.get("plain")
+    """Every run against ``plain``: one row per load; ``serve``'s figures also as the row's own keys."""
+    runs = {r.get("label", r["phase"]): r for r in (json.loads(Path(p).read_text()) for p in args.results)}
+    plain = runs.get("plain") or {}
+    others = [label for label in runs if label != "plain"]
     rows = []
-    for load in (plain or {}).get("loads", []):
-        other = next((x for x in (serve or {}).get("loads", []) if x["load"] == load["load"]), {})
-        row = {"load": load["load"], "plain_tok_s": load.get("output_throughput"),
-               "serve_tok_s": other.get("output_throughput"),
-               "plain_ttft_p50_ms": load.get("median_ttft_ms"), "serve_ttft_p50_ms": other.get("median_ttft_ms"),
-               "plain_tpot_p50_ms": load.get("median_tpot_ms"), "serve_tpot_p50_ms": other.get("median_tpot_ms"),
-               "failed": [load.get("failed"), other.get("failed")]}
-        if row["plain_tok_s"] and row["serve_tok_s"]:
-            row["ratio"] = round(row["serve_tok_s"] / row["plain_tok_s"], 4)
+    for load in plain.get("loads", []):
+        row: dict[str, Any] = {"load": load["load"], "plain_tok_s": load.get("output_throughput"),
+                               "plain_ttft_p50_ms": load.get("median_ttft_ms"),
+                               "plain_tpot_p50_ms": load.get("median_tpot_ms"), "variants": {}}
+        for label in others:
+            other = next((x for x in runs[label].get("loads", []) if x["load"] == load["load"]), {})
+            v = {"tok_s": other.get("output_throughput"), "ttft_p50_ms": other.get("median_ttft_ms"),
+                 "tpot_p50_ms": other.get("median_tpot_ms"), "failed": other.get("failed")}
+            if v["tok_s"] and row["plain_tok_s"]:
+                v["ratio"] = round(v["tok_s"] / row["plain_tok_s"], 4)
+            row["variants"][label] = v
+        if "serve" in row["variants"]:
+            serve = row["variants"]["serve"]
+            row.update(serve_tok_s=serve["tok_s"], serve_ttft_p50_ms=serve["ttft_p50_ms"],
+                       serve_tpot_p50_ms=serve["tpot_p50_ms"], failed=[load.get("failed"), serve["failed"]])
+            if serve.get("ratio"):
+                row["ratio"] = serve["ratio"]
         rows.append(row)
+    first = next(iter(runs.values()))
     out = {
-        "what": "fleetserve serve vs plain vllm serve, same engine flags, client vllm bench serve (openai-chat, "
-                "--ignore-eos); random = 512 in / 128 out, random-mm = 2 images 448x448 + 128 in / 128 out",
-        "commit": (serve or plain or {}).get("commit"), "device": (serve or plain or {}).get("device"),
-        "commands": {p: r.get("server_command", r.get("command")) for p, r in runs.items()},
-        "run_commands": {p: r.get("command") for p, r in runs.items() if "server_command" in r},
+        "what": "runs vs plain vllm serve, same engine flags, client vllm bench serve (openai-chat, --ignore-eos, "
+                "a warm-up at the load's concurrency); random = 512 in / 128 out, random-mm = 2 images 448x448 + "
+                "128 in / 128 out. serve = fleetserve serve; stock = ray.serve.llm build_openai_app; direct = stock "
+                "with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1",
+        "commit": first.get("commit"), "device": first.get("device"),
+        "commands": {label: r.get("server_command", r.get("command")) for label, r in runs.items()},
+        "run_commands": {label: r.get("command") for label, r in runs.items() if "server_command" in r},
         "report_command": command_line(),
-        "ready_s": {p: r.get("ready_s") for p, r in runs.items()},
+        "ready_s": {label: r.get("ready_s") for label, r in runs.items()},
         "rows": rows, "runs": runs, "not_run": args.not_run, "note": args.note,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
-    print("| load | plain vLLM tok/s | fleetserve tok/s | ratio | TTFT p50 plain / fleetserve (ms) | "
-          "TPOT p50 plain / fleetserve (ms) |\n|---|---|---|---|---|---|")
+    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    print("| load | plain vLLM tok/s | " + " | ".join(f"{label} tok/s (ratio)" for label in others) +
+          " | TTFT p50 ms plain / " + " / ".join(others) + " | TPOT p50 ms plain / " + " / ".join(others) + " |")
+    print("|---" * (4 + len(others)) + "|")
     for r in rows:
-        f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        ratio = f"{r['ratio'] * 100:.1f}%" if r.get("ratio") else "-"
-        print(f"| {r['load']} | {f(r['plain_tok_s'])} | {f(r['serve_tok_s'])} | {ratio} | "
-              f"{f(r['plain_ttft_p50_ms'])} / {f(r['serve_ttft_p50_ms'])} | "
-              f"{f(r['plain_tpot_p50_ms'])} / {f(r['serve_tpot_p50_ms'])} |")
+        vs = [r["variants"][label] for label in others]
+        print(f"| {r['load']} | {f(r['plain_tok_s'])} | " +
+              " | ".join(f"{f(v['tok_s'])} ({v['ratio'] * 100:.1f}%)" if v.get("ratio") else "-" for v in vs) +
+              f" | {f(r['plain_ttft_p50_ms'])} / " + " / ".join(f(v["ttft_p50_ms"]) for v in vs) +
+              f" | {f(r['plain_tpot_p50_ms'])} / " + " / ".join(f(v["tpot_p50_ms"]) for v in vs) + " |")
     print(f"ready: {out['ready_s']}")
-    plot_ratio_bars(rows, ("plain_tok_s", "plain vllm serve"), ("serve_tok_s", "fleetserve serve"),
-                    f"{out['device']} @ {str(out['commit'])[:8]}", args.results_dir / f"{args.name}.png")
+    plot_bars([r["load"] for r in rows],
+              {"plain vllm serve": [r["plain_tok_s"] for r in rows],
+               **{label: [r["variants"][label]["tok_s"] for r in rows] for label in others}},
+              {label: [r["variants"][label].get("ratio") for r in rows] for label in others},
+              f"{out['device']} @ {str(out['commit'])[:8]}", args.results_dir / f"{args.name}.png")
 
 
-def plot_ratio_bars(rows: list[dict[str, Any]], base: tuple[str, str], other: tuple[str, str], title: str,
-                    path: Path) -> None:
-    """Output tok/s per load, ``base`` and ``other`` (row key, legend label) side by side, the ratio above."""
+def plot_bars(loads: list[str], series: dict[str, list[float | None]], ratios: dict[str, list[float | None]],
+              title: str, path: Path) -> None:
+    """Output tok/s per load, one bar per series (legend label -> values), each ratio above its bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r[base[0]] or 0 for r in rows], 0.4, label=base[1])
-    ax.bar([x + 0.2 for x in xs], [r[other[0]] or 0 for r in rows], 0.4, label=other[1])
-    for x, r in zip(xs, rows):
-        if r.get("ratio"):
-            ax.text(x, max(r[base[0]], r[other[0]]), f"{r['ratio'] * 100:.0f}%", ha="center", va="bottom",
-                    fontsize=8)
-    ax.set_xticks(list(xs), [r["load"] for r in rows], rotation=20)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(loads))]
+        ax.bar(xs, [v or 0 for v in values], width, label=label)
+        for x, value, ratio in zip(xs, values, ratios.get(label, [])):
+            if ratio:
+                ax.text(x, value or 0, f"{ratio * 100:.0f}%", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(range(len(loads))), loads, rotation=20)
     ax.set_ylabel("output tokens/s")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_ratio_bars(rows: list[dict[str, Any]], base: tuple[str, str], other: tuple[str, str], title: str,
+                    path: Path) -> None:
+    """Output tok/s per load, ``base`` and ``other`` (row key, legend label) side by side, the ratio above."""
+    plot_bars([r["load"] for r in rows], {base[1]: [r[base[0]] for r in rows], other[1]: [r[other[0]] for r in rows]},
+              {other[1]: [r.get("ratio") for r in rows]}, title, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--phase", choices=("serve", "plain"), required=True)
+    r.add_argument("--phase", choices=("serve", "plain", "stock", "direct"), required=True)
+    r.add_argument("--label", default="", help="the run's name in the report (default: the phase)")
+    r.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server's environment")
+    r.add_argument("--warm-cache", action="store_true", help="keep vLLM's compile cache (ready time not comparable)")
     r.add_argument("--file", type=Path, default=DEFAULT_FILE)
     r.add_argument("--model-dir", required=True)
     r.add_argument("--set", action="append", default=[])
     r.add_argument("--out", required=True)
     r.add_argument("--deadline-s", type=float, default=540)
     r.add_argument("--loads", default="", help="comma list of LOAD names (e.g. random_c128,random-mm_c16); default all")
+    st = sub.add_parser("stock-server", help="(internal) the stock/direct phases' server process")
+    st.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    st.add_argument("--model-dir", required=True)
+    st.add_argument("--set", action="append", default=[])
     p = sub.add_parser("report")
     p.add_argument("results", nargs="+")
     p.add_argument("--name", required=True)
@@ -236,7 +335,7 @@ def main() -> None:
     p.add_argument("--not-run", action="append", default=[])
     p.add_argument("--note", default="")
     args = parser.parse_args()
-    run(args) if args.cmd == "run" else report(args)
+    {"run": run, "report": report, "stock-server": stock_server}[args.cmd](args)
 
 
 if __name__ == "__main__":
