@@ -78,7 +78,7 @@ def llm_config_for(spec: DeploymentSpec) -> dict[str, Any]:
         "runtime_env": runtime_env_for(spec),
         "server_cls": SERVER_CLS,
         "callback_config": {"callback_class": NODE_INIT_CALLBACK},
-        "log_engine_metrics": True,
+        "log_engine_metrics": spec.engine_metrics,
     }
     if spec.accelerator_type:
         config["accelerator_type"] = spec.accelerator_type

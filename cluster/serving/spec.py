@@ -239,6 +239,10 @@ class DeploymentSpec(_Strict):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     flaggems: FlagGemsConfig = Field(default_factory=FlagGemsConfig)
+    engine_metrics: bool = Field(
+        default=True,
+        description="Export vLLM's engine metrics through Ray's metrics agent (ray.serve.llm's "
+                    "log_engine_metrics): one Ray metric update per generated token, paid in the replica.")
 
     @field_validator("limit_mm_per_prompt", mode="before")
     @classmethod
