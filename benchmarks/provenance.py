@@ -21,20 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def git_commit() -> str:
     """The checked-out commit (``-dirty`` when tracked files differ from it).
 
-    On a device machine no ``.git`` travels with the tree: there the caller sets
-    ``FLEETSERVE_COMMIT`` (``git rev-parse HEAD`` where the run was started).
+    ``FLEETSERVE_COMMIT`` wins when set: on a device machine the tree travels
+    without its history (or with a stale ``.git``), so the caller names the commit
+    (``git rev-parse HEAD`` where the run was started).
     """
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
 
+    if os.environ.get("FLEETSERVE_COMMIT"):
+        return os.environ["FLEETSERVE_COMMIT"]
     try:
         head = git("rev-parse", "--verify", "HEAD")
         if re.fullmatch(r"[0-9a-f]{40}", head):
             return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("FLEETSERVE_COMMIT") or "unknown"
+    return "unknown"
 
 
 def device() -> str:

@@ -225,6 +225,10 @@ def run(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     """Every run against ``plain``: one row per load; ``serve``'s figures also as the row's own keys."""
     runs = {r.get("label", r["phase"]): r for r in (json.loads(Path(p).read_text()) for p in args.results)}
+    for item in args.run_commit:  # a run that recorded a stale .git's commit instead of the code it ran
+        label, commit = item.split("=", 1)
+        runs[label]["commit_corrected"] = {"recorded": runs[label]["commit"], "by": command_line()}
+        runs[label]["commit"] = commit
     plain = runs.get("plain") or {}
     others = [label for label in runs if label != "plain"]
     rows = []
@@ -268,7 +272,7 @@ def report(args: argparse.Namespace) -> None:
     for r in rows:
         vs = [r["variants"][label] for label in others]
         print(f"| {r['load']} | {f(r['plain_tok_s'])} | " +
-              " | ".join(f"{f(v['tok_s'])} ({v['ratio'] * 100:.1f}%)" if v.get("ratio") else "-" for v in vs) +
+              " | ".join(f(v["tok_s"]) + (f" ({v['ratio'] * 100:.1f}%)" if v.get("ratio") else "") for v in vs) +
               f" | {f(r['plain_ttft_p50_ms'])} / " + " / ".join(f(v["ttft_p50_ms"]) for v in vs) +
               f" | {f(r['plain_tpot_p50_ms'])} / " + " / ".join(f(v["tpot_p50_ms"]) for v in vs) + " |")
     print(f"ready: {out['ready_s']}")
@@ -334,6 +338,8 @@ def main() -> None:
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where NAME.json and NAME.png go")
     p.add_argument("--not-run", action="append", default=[])
     p.add_argument("--note", default="")
+    p.add_argument("--run-commit", action="append", default=[], metavar="LABEL=SHA",
+                   help="the commit a run really ran, where it recorded another (kept as commit_corrected)")
     args = parser.parse_args()
     {"run": run, "report": report, "stock-server": stock_server}[args.cmd](args)
 
