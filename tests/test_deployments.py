@@ -114,3 +114,12 @@ def dashboard_metric_names(dash: dict) -> set[str]:
         for name in _NAME.findall(expr):
             names.add(re.sub(r"_(bucket|sum|count)$", "", name))
     return names
+
+
+def test_engine_metrics_switch_reaches_ray_serve_llm():
+    """On by default (the Grafana dashboard reads them); ``--set engine_metrics=false`` turns Ray's exporter off."""
+    path = ROOT / "deployments/qwen25_vl.yaml"
+    (default,) = load_serve_config(path)["_fleetserve"].values()
+    (off,) = load_serve_config(path, ["engine_metrics=false"])["_fleetserve"].values()
+    assert llm_config_for(default.models[0])["log_engine_metrics"] is True
+    assert llm_config_for(off.models[0])["log_engine_metrics"] is False
