@@ -197,8 +197,11 @@ class HostEmulator:
     """Creates and destroys emulated hosts; safe to tear down after partial setup."""
 
     def __init__(self, workdir: Path = DEFAULT_WORKDIR, bridge: str = BRIDGE, subnet: str = SUBNET,
-                 sshd: str | None = None, shared_paths: list[Path] | tuple[Path, ...] = ()):
+                 sshd: str | None = None, shared_paths: list[Path] | tuple[Path, ...] = (),
+                 base_env: dict[str, str] | None = None):
+        """``base_env``: login environment every host gets; a host's own ``env`` adds to it and wins."""
         self.workdir = Path(workdir)
+        self.base_env = dict(base_env or {})
         self.bridge = bridge
         self.subnet = subnet
         self.sshd = sshd or sshd_path()
@@ -228,10 +231,11 @@ class HostEmulator:
         private tmpfs mounts (allocated only as used; Ray's temp dir lives in ``/run``).
         """
         netns, veth, ip = f"{NS_PREFIX}{index}", f"fsv{index}", f"{self.subnet}.{10 + index}"
-        setenv = sshd_setenv(env or {})
+        env = {**self.base_env, **(env or {})}
+        setenv = sshd_setenv(env)
         if hostname is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", hostname):
             raise ValueError(f"hostname {hostname!r}: letters, digits and '-' only, at most 63")
-        host = EmulatedHost(index, ip, netns, veth, self.workdir / netns, env=dict(env or {}))
+        host = EmulatedHost(index, ip, netns, veth, self.workdir / netns, env=env)
         self.hosts[index] = host
         self._cleanup_host_leftovers(host)
         host.dir.mkdir(parents=True, exist_ok=True)
