@@ -24,22 +24,4 @@ export PYTHONUNBUFFERED=1
 # not starve the rest of the machine (Ray's workers and vLLM's processes inherit this).
 export OMP_WAIT_POLICY=PASSIVE
 # A later -m given by the caller replaces this one (pytest keeps the last).
-case " $* " in *" -m "*|*" -k "*|*"tests/"*) exec .venv/bin/python -m pytest -m "not gpu and not soak" "$@";; esac
-if [ "$(id -u)" != 0 ]; then exec .venv/bin/python -m pytest -m "not gpu and not soak" "$@"; fi
-# The whole suite as two streams at once: the emulated-host tests (their own namespaces, sshd and
-# Ray clusters) beside the rest (local Ray, in-process engines). Most of each stream's time is
-# waiting on Ray, Serve and engines, so together they fill the cores one stream leaves idle.
-# The host stream's lines are prefixed `[hosts]`; the exit status is the first failing stream's.
-hosts_log=$(mktemp)
-( set -o pipefail; .venv/bin/python -m pytest -m "hosts and not gpu and not soak" "$@" 2>&1 \
-    | sed -u 's/^/[hosts] /' | tee "$hosts_log" >&2 ) &
-hosts_pid=$!
-set +e
-.venv/bin/python -m pytest -m "not hosts and not gpu and not soak" "$@"; local_rc=$?
-wait "$hosts_pid"; hosts_rc=$?
-set -e
-echo "== emulated-host stream: exit ${hosts_rc}; $(grep -E '^\[hosts\] =+ .*(passed|failed|error).* =+$' "$hosts_log" | tail -1)"
-echo "== local stream: exit ${local_rc}"
-rm -f "$hosts_log"
-[ "$local_rc" = 0 ] || exit "$local_rc"
-exit "$hosts_rc"
+exec .venv/bin/python -m pytest -m "not gpu and not soak" "$@"

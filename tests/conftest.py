@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tinyqwen2 import MODEL_CACHE, local_ray, model_cache_lock
+from tinyqwen2 import local_ray
+
+MODEL_CACHE = Path(os.environ.get("FLEETSERVE_TEST_MODELS", Path.home() / ".cache/fleetserve/test-models"))
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +18,8 @@ def tiny_model() -> Path:
     from cluster.modelgen import make_model
 
     out = MODEL_CACHE / "tiny-qwen2_5_vl"
-    with model_cache_lock():
-        if not (out / "config.json").exists() or not any(out.glob("*.safetensors")):
-            make_model("qwen2_5_vl", "tiny", out, seed=0)
+    if not (out / "config.json").exists() or not any(out.glob("*.safetensors")):
+        make_model("qwen2_5_vl", "tiny", out, seed=0)
     return out
 
 

@@ -165,9 +165,6 @@ def fleet(three_hosts: HostEmulator, tmp_path_factory: pytest.TempPathFactory):
         "max_ongoing_requests": 4,
         "health_check_period_s": 2, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 20,
     }, request_timeout_s=120, retry_attempts=2)
-    # Idle OpenMP threads sleep instead of spinning: an engine between requests
-    # must leave the shared cores to a replica that is starting.
-    args["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] = "PASSIVE"
     # Listens on 0.0.0.0 inside the emulated hosts' network; the fault tests send no key.
     args["endpoint"] = {"allow_unauthenticated": True}
     config = work / "serve.yaml"

@@ -130,16 +130,22 @@ def test_completions(client):
     assert out.usage.completion_tokens > 0
 
 
+#: Qwen2.5-VL's <|vision_start|>, <|vision_end|> and <|image_pad|> ids, as make-model writes them.
+VISION_START, VISION_END, IMAGE_PAD = 151652, 151653, 151655
+
+
 def test_chat_image_data_url(client):
+    """The image reaches the model as the made model's processor says: 224x168 -> 48 merged patches."""
     msgs = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(size=(224, 168)))}},
         {"type": "text", "text": "What is in the image?"},
     ]}]
-    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8)
-    # 64x64 image -> (64/14 rounded to 56 or 70)/28 ... at least 4 image tokens in the prompt.
-    text_only = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is in the image?"}], max_tokens=8)
-    assert out.usage.prompt_tokens >= text_only.usage.prompt_tokens + 4
+    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                         extra_body={"return_token_ids": True})
+    assert out.usage.completion_tokens == len(out.choices[0].token_ids) > 0
+    ids = out.prompt_token_ids
+    assert ids.count(IMAGE_PAD) == 48
+    assert ids.index(VISION_START) + 49 == ids.index(VISION_END)
 
 
 def test_chat_image_http_url(client, image_server):

@@ -77,23 +77,11 @@ def make_tiny_qwen2(out: Path, seed: int = 0) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def model_cache_lock():
-    """Held while a test model is checked and made: the two test streams (scripts/test.sh) share the cache."""
-    import fcntl
-
-    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-    with open(MODEL_CACHE / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def tiny_qwen2() -> Path:
     """The tiny text model, made once per machine."""
     out = MODEL_CACHE / "tiny-qwen2-text"
-    with model_cache_lock():
-        if not (out / "model.safetensors").exists():
-            make_tiny_qwen2(out)
+    if not (out / "model.safetensors").exists():
+        make_tiny_qwen2(out)
     return out
 
 

@@ -35,8 +35,8 @@ def host_emulator() -> Iterator[HostEmulator]:
     every process in each host's network and PID namespaces is killed and waited for (teardown raises if
     one survives), then veths, netns, bridge."""
     require_emulation()
-    # The hosts share this machine's cores (with the other test stream, scripts/test.sh): an idle vLLM
-    # CPU engine's OpenMP threads must sleep, not spin, or every other process on the machine crawls.
+    # The hosts share this machine's cores: an idle vLLM CPU engine's OpenMP threads must sleep, not
+    # spin, or a replica starting on another host crawls.
     emu = HostEmulator(WORKDIR, base_env={"OMP_WAIT_POLICY": "PASSIVE"})
     try:
         emu.teardown()  # leftovers of a crashed earlier run
