@@ -18,26 +18,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def git_commit() -> str:
-    """The checked-out commit (``-dirty`` when tracked files differ from it).
-
-    ``FLEETSERVE_COMMIT`` wins when set: on a device machine the tree travels
-    without its history (or with a stale ``.git``), so the caller names the commit
-    (``git rev-parse HEAD`` where the run was started).
-    """
+def _tree_commit() -> str | None:
+    """The checked-out commit (``-dirty`` when tracked files differ from it), or None outside a checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
 
-    if os.environ.get("FLEETSERVE_COMMIT"):
-        return os.environ["FLEETSERVE_COMMIT"]
     try:
         head = git("rev-parse", "--verify", "HEAD")
         if re.fullmatch(r"[0-9a-f]{40}", head):
             return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return "unknown"
+    return None
+
+
+def git_commit() -> str:
+    """The commit the code came from: ``FLEETSERVE_COMMIT`` when set, else the checkout's.
+
+    On a device machine the tree travels without its history, or with a stale
+    ``.git`` (seen: a run recorded the session's first commit, ``-dirty``), so the
+    caller names the commit (``git rev-parse HEAD`` where the run was started).
+    """
+    named = os.environ.get("FLEETSERVE_COMMIT", "")
+    return named if named and named != "unknown" else (_tree_commit() or "unknown")
 
 
 def device() -> str:
@@ -71,5 +75,9 @@ def command_line() -> str:
 
 def provenance() -> dict[str, str]:
     """The fields every result JSON starts with."""
-    return {"commit": git_commit(), "device": device(), "command": command_line(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fields = {"commit": git_commit(), "device": device(), "command": command_line(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tree = _tree_commit()
+    if tree and tree != fields["commit"]:  # a named commit the checkout disagrees with: keep both
+        fields["tree_commit"] = tree
+    return fields

@@ -123,3 +123,14 @@ def test_engine_metrics_switch_reaches_ray_serve_llm():
     (off,) = load_serve_config(path, ["engine_metrics=false"])["_fleetserve"].values()
     assert llm_config_for(default.models[0])["log_engine_metrics"] is True
     assert llm_config_for(off.models[0])["log_engine_metrics"] is False
+
+
+def test_engine_metrics_without_engine_stats_is_a_spec_error():
+    from cluster.errors import ConfigErrors
+
+    path = ROOT / "deployments/qwen25_vl.yaml"
+    with pytest.raises(ConfigErrors) as err:
+        load_serve_config(path, ["engine_args.disable_log_stats=true"])
+    assert "disable_log_stats" in str(err.value) and "engine_metrics" in str(err.value)
+    (ok,) = load_serve_config(path, ["engine_args.disable_log_stats=true", "engine_metrics=false"])["_fleetserve"].values()
+    assert llm_config_for(ok.models[0])["log_engine_metrics"] is False

@@ -12,6 +12,7 @@ phase=$1; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/gpu/run_served.sh --env-only
 SIZE=${MODEL_SIZE:-32b}
+case $SIZE in 7b|32b) ;; *) echo "MODEL_SIZE=$SIZE: 7b or 32b" >&2; exit 2;; esac
 M=/tmp/models/qwen2_5_vl_$SIZE
 [ -f $M/config.json ] || python3 -m cluster.cli make-model --arch qwen2_5_vl --size $SIZE --out $M >/dev/null
 NAME=(); [ "$SIZE" = 32b ] || NAME=(--set model.served_name=Qwen2.5-VL-${SIZE^^}-Instruct)
@@ -21,7 +22,7 @@ KEYS=$HOME/.config/fleetserve/api-keys
 [ -s $KEYS ] || { mkdir -p $(dirname $KEYS); python3 -c 'import secrets; print(secrets.token_urlsafe(24))' > $KEYS; chmod 600 $KEYS; }
 export OPENAI_API_KEY=$(head -1 $KEYS)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-FLEETSERVE_COMMIT=${FLEETSERVE_COMMIT:-unknown} timeout -k 10 $(( ${DEADLINE_S:-540} + 40 )) python3 benchmarks/gpu/serve_vs_plain.py run \
+timeout -k 10 $(( ${DEADLINE_S:-540} + 150 )) python3 benchmarks/gpu/serve_vs_plain.py run \
   --phase "$phase" --label "${RUN_LABEL:-$phase}" --model-dir $M --out "$OUT/${RUN_LABEL:-$phase}.json" \
   --deadline-s ${DEADLINE_S:-540} \
   --set model.load_format=dummy --set accelerator_type=null "${NAME[@]}" "$@"

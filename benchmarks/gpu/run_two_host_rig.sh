@@ -14,7 +14,7 @@ source benchmarks/gpu/rig-tools.sh .rig-debs /tmp/rigroot || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 rm -rf /tmp/fleetserve-rig/nccl /tmp/fleetserve-rig/host-logs
 # The driver keeps its own deadline (DEADLINE_S); the outer timeout is the safety net inside the 600 s call.
-FLEETSERVE_COMMIT=${FLEETSERVE_COMMIT:-unknown} timeout -k 10 $(( ${DEADLINE_S:-540} + 30 )) \
+timeout -k 10 $(( ${DEADLINE_S:-540} + 30 )) \
   python3 benchmarks/gpu/two_host_rig.py run --phases "$phases" --out "$OUT/$name.json" \
   --deadline-s "${DEADLINE_S:-540}" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|Processed prompts|^\s*$"
 rc=${PIPESTATUS[0]}

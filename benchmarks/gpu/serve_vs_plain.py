@@ -35,6 +35,7 @@ before each run unless ``--warm-cache`` (ready times compare only between cold r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -105,10 +106,17 @@ def wait_health(url: str, proc: subprocess.Popen, deadline: float) -> float | No
     return None
 
 
-def bench(base: str, spec, dataset: str, concurrency: int, prompts: int, workdir: Path) -> dict[str, Any]:
+def bench(base: str, spec, dataset: str, concurrency: int, prompts: int, workdir: Path,
+          timeout: float) -> dict[str, Any]:
     """One load through the shared client (benchmarks/vllm_bench.py: ``vllm bench serve``), after a warm-up."""
     return bench_serve(base, spec.served_name, spec.model.source, dataset, concurrency, prompts, workdir,
-                       input_len=512 if dataset == "random" else 128, output_len=128, warmups=concurrency)
+                       input_len=512 if dataset == "random" else 128, output_len=128, warmups=concurrency,
+                       timeout=timeout)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (the outer ``timeout``, a kill) ends this process through its ``finally`` blocks."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def wait_chat(base: str, model: str, proc: subprocess.Popen, deadline: float) -> float | None:
@@ -143,16 +151,17 @@ def stock_server(args: argparse.Namespace) -> None:
     for fleetserve_part in ("server_cls", "callback_config"):  # ray.serve.llm's own classes only
         config.pop(fleetserve_part)
     config["engine_kwargs"]["enable_log_requests"] = False
+    _exit_on_sigterm()  # also while serve.run still waits for the app: Serve and Ray are shut down below
     ray.init(include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_openai_app({"llm_configs": [LLMConfig(**config)]}), name="stock", route_prefix="/",
-              blocking=False)
-    stop = [False]
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
-    while not stop[0]:
-        time.sleep(0.5)
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.run(build_openai_app({"llm_configs": [LLMConfig(**config)]}), name="stock", route_prefix="/",
+                  blocking=False)
+        while True:
+            time.sleep(0.5)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -183,10 +192,11 @@ def run(args: argparse.Namespace) -> None:
         "server_command": " ".join(c if c != os.environ.get("OPENAI_API_KEY") else "<key>" for c in cmd), "file": str(args.file.relative_to(ROOT)), "overrides": args.set,
         "model": spec.served_name, "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size, "flaggems": spec.flaggems.enabled,
-        "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("RAY_SERVE", "RAYLLM"))},
+        "env": {k: env[k] for k in sorted(env) if k.startswith(("RAY_SERVE", "RAYLLM"))},
         "loads_asked": args.loads or "all",
     }
     log = open(Path(args.out).with_suffix(".log"), "w")
+    _exit_on_sigterm()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -208,7 +218,7 @@ def run(args: argparse.Namespace) -> None:
                         result["loads"].append({"load": f"{dataset}_c{concurrency}", "error": "deadline"})
                         continue
                     result["loads"].append(bench(f"http://127.0.0.1:{PORT}", spec, dataset, concurrency,
-                                                 prompts, Path(tmp)))
+                                                 prompts, Path(tmp), timeout=deadline - time.monotonic()))
                     print(json.dumps(result["loads"][-1]), flush=True)
                     Path(args.out).write_text(json.dumps(result, indent=1))
     finally:
@@ -219,25 +229,37 @@ def run(args: argparse.Namespace) -> None:
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the server's process group is left
 
 
 def report(args: argparse.Namespace) -> None:
     """Every run against ``plain``: one row per load; ``serve``'s figures also as the row's own keys."""
-    runs = {r.get("label", r["phase"]): r for r in (json.loads(Path(p).read_text()) for p in args.results)}
+    runs: dict[str, dict[str, Any]] = {}
+    for path in args.results:
+        run = json.loads(Path(path).read_text())
+        label = run.get("label", run["phase"])
+        if label in runs:
+            sys.exit(f"two runs labelled {label!r} ({path}): give each its own --label")
+        runs[label] = run
     for item in args.run_commit:  # a run that recorded a stale .git's commit instead of the code it ran
         label, commit = item.split("=", 1)
+        if label not in runs:
+            sys.exit(f"--run-commit {item}: no run labelled {label!r} (runs: {', '.join(runs)})")
         runs[label]["commit_corrected"] = {"recorded": runs[label]["commit"], "by": command_line()}
         runs[label]["commit"] = commit
     plain = runs.get("plain") or {}
     others = [label for label in runs if label != "plain"]
+    ran = {ld["load"] for r in runs.values() for ld in r.get("loads", []) if "error" not in ld}
     rows = []
-    for load in plain.get("loads", []):
-        row: dict[str, Any] = {"load": load["load"], "plain_tok_s": load.get("output_throughput"),
+    for name in [f"{d}_c{c}" for d, c, _ in LOADS if f"{d}_c{c}" in ran]:  # every load some run measured
+        load = next((x for x in plain.get("loads", []) if x["load"] == name), {})
+        row: dict[str, Any] = {"load": name, "plain_tok_s": load.get("output_throughput"),
                                "plain_ttft_p50_ms": load.get("median_ttft_ms"),
                                "plain_tpot_p50_ms": load.get("median_tpot_ms"), "variants": {}}
         for label in others:
-            other = next((x for x in runs[label].get("loads", []) if x["load"] == load["load"]), {})
+            other = next((x for x in runs[label].get("loads", []) if x["load"] == name), {})
             v = {"tok_s": other.get("output_throughput"), "ttft_p50_ms": other.get("median_ttft_ms"),
                  "tpot_p50_ms": other.get("median_tpot_ms"), "failed": other.get("failed")}
             if v["tok_s"] and row["plain_tok_s"]:

@@ -242,7 +242,8 @@ class DeploymentSpec(_Strict):
     engine_metrics: bool = Field(
         default=True,
         description="Export vLLM's engine metrics through Ray's metrics agent (ray.serve.llm's "
-                    "log_engine_metrics): one Ray metric update per generated token, paid in the replica.")
+                    "log_engine_metrics): the ray_vllm_* series, the engine columns of `fleetserve status` "
+                    "and the dashboard's engine panels. Off saves the replica Ray's per-step metric updates.")
 
     @field_validator("limit_mm_per_prompt", mode="before")
     @classmethod
@@ -278,6 +279,13 @@ class DeploymentSpec(_Strict):
                 "unknown vLLM engine arg " + ", ".join(hints) + "; see `vllm serve --help` for vLLM 0.26's names"
             )
         return value
+
+    @model_validator(mode="after")
+    def _metrics_need_stats(self) -> DeploymentSpec:
+        if self.engine_metrics and self.engine_args.get("disable_log_stats"):
+            raise ValueError("engine_args.disable_log_stats: true leaves engine_metrics nothing to export; "
+                             "drop it, or set engine_metrics: false as well")
+        return self
 
     @field_validator("runtime_env")
     @classmethod
