@@ -1,0 +1,72 @@
+"""The serving-overhead report's CPU-only parts (benchmarks/gpu/serve_vs_plain.py; its runs need GPUs).
+
+Fast, no Ray: run files as the ``run`` phase writes them go through ``report``,
+which compares every labelled run with ``plain``, keeps every load some run
+measured, and refuses what would silently merge or mislabel runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu" / "serve_vs_plain.py"
+
+
+def load(name: str, tok_s: float | None, ttft: float = 50.0) -> dict:
+    if tok_s is None:
+        return {"load": name, "error": "deadline"}
+    return {"load": name, "output_throughput": tok_s, "median_ttft_ms": ttft, "median_tpot_ms": 9.0, "failed": 0}
+
+
+def run_file(tmp: Path, label: str, phase: str, loads: list[dict], commit: str = "a" * 40) -> Path:
+    path = tmp / f"{label}.json"
+    path.write_text(json.dumps({"phase": phase, "label": label, "commit": commit, "device": "1 x H100",
+                                "command": "python3 ...", "ready_s": 100.0, "loads": loads}))
+    return path
+
+
+def report(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), "report", *args, "--name", "r", "--results-dir", str(tmp)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_every_run_against_plain_and_every_measured_load(tmp_path: Path) -> None:
+    plain = run_file(tmp_path, "plain", "plain", [load("random_c1", 100.0), load("random_c128", 8000.0),
+                                                   load("random_c256", None)])
+    serve = run_file(tmp_path, "serve", "serve", [load("random_c1", 95.0), load("random_c128", 4000.0),
+                                                   load("random_c256", 4100.0)])
+    direct = run_file(tmp_path, "direct", "direct", [load("random_c128", 6000.0)])
+    r = report(tmp_path, str(plain), str(serve), str(direct), "--run-commit", "direct=" + "b" * 40)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    rows = {row["load"]: row for row in out["rows"]}
+    assert list(rows) == ["random_c1", "random_c128", "random_c256"]  # LOADS order; c256 only serve measured
+    assert rows["random_c128"]["variants"]["serve"]["ratio"] == 0.5
+    assert rows["random_c128"]["variants"]["direct"]["ratio"] == 0.75
+    assert rows["random_c128"]["ratio"] == 0.5  # serve's figures also as the row's own keys
+    assert rows["random_c256"]["variants"]["serve"]["tok_s"] == 4100.0 and "ratio" not in rows["random_c256"]
+    assert rows["random_c1"]["variants"]["direct"]["tok_s"] is None  # a load a run did not measure
+    assert out["runs"]["direct"]["commit"] == "b" * 40
+    assert out["runs"]["direct"]["commit_corrected"]["recorded"] == "a" * 40
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("case", ["duplicate label", "unknown label"])
+def test_runs_that_would_merge_or_mislabel_are_refused(tmp_path: Path, case: str) -> None:
+    plain = run_file(tmp_path, "plain", "plain", [load("random_c1", 100.0)])
+    serve = run_file(tmp_path, "serve", "serve", [load("random_c1", 95.0)])
+    if case == "duplicate label":
+        copy = tmp_path / "again.json"
+        copy.write_text(serve.read_text())
+        r = report(tmp_path, str(plain), str(serve), str(copy))
+        assert r.returncode != 0 and "two runs labelled 'serve'" in r.stderr
+    else:
+        r = report(tmp_path, str(plain), str(serve), "--run-commit", "stock=" + "c" * 40)
+        assert r.returncode != 0 and "no run labelled 'stock'" in r.stderr
+    assert not (tmp_path / "r.json").exists()
