@@ -20,8 +20,5 @@ if [ "$(id -u)" = 0 ]; then
   bash scripts/setup-prometheus.sh
 fi
 export PYTHONUNBUFFERED=1
-# An idle vLLM CPU engine's OpenMP threads sleep instead of spinning: engines of one test must
-# not starve the rest of the machine (Ray's workers and vLLM's processes inherit this).
-export OMP_WAIT_POLICY=PASSIVE
 # A later -m given by the caller replaces this one (pytest keeps the last).
 exec .venv/bin/python -m pytest -m "not gpu and not soak" "$@"
