@@ -33,15 +33,15 @@ def _tree_commit() -> str | None:
     return None
 
 
-def git_commit() -> str:
-    """The commit the code came from: ``FLEETSERVE_COMMIT`` when set, else the checkout's.
+def _named_commit() -> str | None:
+    """``FLEETSERVE_COMMIT``, which wins over the checkout's when set.
 
     On a device machine the tree travels without its history, or with a stale
     ``.git`` (seen: a run recorded the session's first commit, ``-dirty``), so the
     caller names the commit (``git rev-parse HEAD`` where the run was started).
     """
     named = os.environ.get("FLEETSERVE_COMMIT", "")
-    return named if named and named != "unknown" else (_tree_commit() or "unknown")
+    return named if named and named != "unknown" else None
 
 
 def device() -> str:
@@ -75,9 +75,9 @@ def command_line() -> str:
 
 def provenance() -> dict[str, str]:
     """The fields every result JSON starts with."""
-    fields = {"commit": git_commit(), "device": device(), "command": command_line(),
+    named, tree = _named_commit(), _tree_commit()
+    fields = {"commit": named or tree or "unknown", "device": device(), "command": command_line(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tree = _tree_commit()
-    if tree and tree != fields["commit"]:  # a named commit the checkout disagrees with: keep both
+    if named and tree and tree != named:  # a named commit the checkout disagrees with: keep both
         fields["tree_commit"] = tree
     return fields
