@@ -51,8 +51,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 from provenance import command_line, provenance  # noqa: E402
 from vllm_bench import bench_serve  # noqa: E402
+from waiting import wait_for  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_FILE = ROOT / "deployments" / "qwen25_vl.yaml"
 PORT = 9010
@@ -90,20 +92,17 @@ def plain_command(spec, port: int) -> list[str]:
     return cmd
 
 
-def wait_health(url: str, proc: subprocess.Popen, deadline: float) -> float | None:
-    import httpx
-
-    t0 = time.monotonic()
-    while time.monotonic() < deadline:
+def wait_ready(answers_200, proc: subprocess.Popen, deadline: float) -> float | None:
+    """Seconds until ``answers_200()`` holds (tests/waiting.py's poll); None if the server exits or time runs out."""
+    def up() -> bool:
         if proc.poll() is not None:
-            return None
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    return None
+            raise ChildProcessError(f"the server exited ({proc.returncode})")
+        return answers_200()
+
+    try:
+        return wait_for(up, deadline - time.monotonic(), "the server answering 200")
+    except (TimeoutError, ChildProcessError):
+        return None
 
 
 def bench(base: str, spec, dataset: str, concurrency: int, prompts: int, workdir: Path,
@@ -119,23 +118,13 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
-def wait_chat(base: str, model: str, proc: subprocess.Popen, deadline: float) -> float | None:
-    """Seconds until a one-token chat answers 200 (ray.serve.llm's own app has no readiness route)."""
+def chat_answers(base: str, model: str) -> bool:
+    """A one-token chat answers 200 (ray.serve.llm's own app has no readiness route)."""
     import httpx
 
-    t0 = time.monotonic()
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     headers = {"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'none')}"}
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return None
-        try:
-            if httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200:
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    return None
+    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200
 
 
 def stock_server(args: argparse.Namespace) -> None:
@@ -200,15 +189,17 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        ready = (wait_health(health, proc, deadline) if args.phase in ("serve", "plain") else
-                 wait_chat(f"http://127.0.0.1:{PORT}", spec.served_name, proc, deadline))
+        import httpx
+
+        if args.phase in ("serve", "plain"):
+            ready = wait_ready(lambda: httpx.get(health, timeout=5).status_code == 200, proc, deadline)
+        else:
+            ready = wait_ready(lambda: chat_answers(f"http://127.0.0.1:{PORT}", spec.served_name), proc, deadline)
         result["ready_s"] = round(ready, 1) if ready is not None else None
         result["loads"] = []
         if ready is None:
             result["error"] = f"not ready (exit {proc.poll()}); see {Path(args.out).with_suffix('.log').name}"
         else:
-            import httpx
-
             if args.phase == "serve":
                 result["health"] = httpx.get(health, timeout=10).json()
             with tempfile.TemporaryDirectory() as tmp:
