@@ -21,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from tinyqwen2 import CPU_ENGINE_ENV
 from waiting import wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -110,7 +111,7 @@ def app(tiny_model, ray_local):
     args = cfg["applications"][0]["args"]
     args["model"]["source"] = str(tiny_model)
     args["max_image_bytes"] = MAX_IMAGE_BYTES
-    args["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "FLEETSERVE_TEST_SECRET": SECRET_ENV_VALUE}}
+    args["runtime_env"] = {"env_vars": {**CPU_ENGINE_ENV, "FLEETSERVE_TEST_SECRET": SECRET_ENV_VALUE}}
     args["endpoint"] = {
         "api_keys_env": "FLEETSERVE_TEST_API_KEYS",
         "media": {"allowed_networks": ["127.0.0.2/32"], "fetch_timeout_s": FETCH_TIMEOUT_S},

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tinyqwen2 import local_ray
+from tinyqwen2 import CPU_ENGINE_ENV, local_ray
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -36,10 +36,10 @@ def _spec(model: Path, name: str, tp: int, flaggems: dict | None) -> dict:
         "accelerator": "CPU", "cpus_per_worker": 0.5, "replica_cpus": 0.5,
         "tensor_parallel_size": tp, "limit_mm_per_prompt": {"image": 0},
         "engine_args": {"max_model_len": 512, "max_num_seqs": 4, "max_num_batched_tokens": 512,
-                        "dtype": "bfloat16"},
+                        "dtype": "bfloat16", "enforce_eager": True},
         # vLLM's CPU workers bind OpenMP threads per rank; with one NUMA node the
         # binding for TP>1 must be given (one core per rank here).
-        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1",
+        "runtime_env": {"env_vars": {**CPU_ENGINE_ENV,
                                      "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))}},
     }
     if flaggems:

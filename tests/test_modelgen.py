@@ -10,6 +10,7 @@ back the image's prompt token ids (one engine start fewer in the suite).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster.modelgen import ModelGenError, make_model
+from tinyqwen2 import CPU_ENGINE_ENV
 
 QWEN_SPECIALS = {
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
@@ -230,7 +232,8 @@ def run_vllm(model: Path, tmp_path: Path, image_size: tuple[int, int], limits: d
     script = tmp_path / "run_vllm.py"
     script.write_text(VLLM_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(model), json.dumps(list(image_size)),
-                           json.dumps(limits or {})], capture_output=True, text=True, timeout=1400)
+                           json.dumps(limits or {})], capture_output=True, text=True, timeout=1400,
+                          env={**os.environ, "TORCHDYNAMO_DISABLE": CPU_ENGINE_ENV["TORCHDYNAMO_DISABLE"]})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     res = json.loads(lines[-1][len("RESULT "):])

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from tinyqwen2 import CPU_ENGINE_ENV
 from waiting import wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def app(tiny_model, ray_local):
     args = cfg["applications"][0]["args"]
     args["model"]["source"] = str(tiny_model)
     args["replicas"] = 2
-    args["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    args["runtime_env"] = {"env_vars": dict(CPU_ENGINE_ENV)}
     # image_server listens on 127.0.0.1, which the media policy denies unless allowed.
     args["endpoint"] = {"media": {"allowed_networks": ["127.0.0.1/32"]}}
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 MODEL_CACHE = Path(os.environ.get("FLEETSERVE_TEST_MODELS", Path.home() / ".cache/fleetserve/test-models"))
+# The environment of every test engine: 1 GiB of KV cache (several engines share
+# this machine) and no torch.compile -- vLLM's CPU sampler compiles one function
+# at first use even with enforce_eager, 13 s of each engine start (see tiny.yaml).
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1"}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] if m['content'] is string else '' }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -96,8 +100,7 @@ def tiny_args(model_dir: Path, served_name: str = "tiny-text", **overrides: Any)
         # and is not what the scaling/metrics tests exercise.
         "engine_args": {"max_model_len": 1024, "max_num_seqs": 8, "max_num_batched_tokens": 1024,
                         "dtype": "bfloat16", "enforce_eager": True},
-        # 1 GiB of KV cache per engine: several engines share this machine.
-        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)},
         "replicas": 1,
     }
     args.update(overrides)
