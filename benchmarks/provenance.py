@@ -73,11 +73,15 @@ def command_line() -> str:
     return shlex.join([sys.executable, *argv])
 
 
+def utc_now() -> str:
+    """The time a result is written, as every result JSON's ``time`` gives it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def provenance() -> dict[str, str]:
     """The fields every result JSON starts with."""
     named, tree = _named_commit(), _tree_commit()
-    fields = {"commit": named or tree or "unknown", "device": device(), "command": command_line(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fields = {"commit": named or tree or "unknown", "device": device(), "command": command_line(), "time": utc_now()}
     if named and tree and tree != named:  # a named commit the checkout disagrees with: keep both
         fields["tree_commit"] = tree
     return fields

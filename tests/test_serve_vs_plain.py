@@ -52,6 +52,7 @@ def test_every_run_against_plain_and_every_measured_load(tmp_path: Path) -> None
     assert rows["random_c128"]["ratio"] == 0.5  # serve's figures also as the row's own keys
     assert rows["random_c256"]["variants"]["serve"]["tok_s"] == 4100.0 and "ratio" not in rows["random_c256"]
     assert rows["random_c1"]["variants"]["direct"]["tok_s"] is None  # a load a run did not measure
+    assert list(out)[1:4] == ["commit", "device", "time"] and out["time"].endswith("Z")
     assert out["runs"]["direct"]["commit"] == "b" * 40
     assert out["runs"]["direct"]["commit_corrected"]["recorded"] == "a" * 40
     assert (tmp_path / "r.png").stat().st_size > 0

@@ -10,6 +10,7 @@ report).
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -290,6 +291,41 @@ def test_reports_of_several_calls_merge_into_the_ratio() -> None:
     assert merged["nccl"]["nccl_emulated"]["transports"] == {"NET/Socket": 3}
     assert merged["nccl"]["nccl_single"]["transports"] == {"P2P/CUMEM": 2, "SHM": 1}
     assert merged["not_run"] == ["serve", "place", "chat", "gems", "fault"]
+
+
+def rig_report(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, rig.__file__, "report", *args, "--name", "r", "--results-dir", str(tmp)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_run_commit_is_corrected_in_the_open_and_the_report_says_when_it_was_made(tmp_path: Path) -> None:
+    import json
+
+    def load(name: str, tok_s: float) -> dict:
+        return {"load": name, "output_throughput": tok_s, "median_ttft_ms": 50.0, "median_tpot_ms": 20.0, "failed": 0}
+
+    stale = "a" * 40 + "-dirty"
+    across, single = tmp_path / "rig-up-serve-bench.json", tmp_path / "rig-single.json"
+    across.write_text(json.dumps({"time": "2026-12-01T10:00:00Z", "commit": "b" * 40, "device": "2 x H100",
+                                  "command": "python3 two_host_rig.py run --phases up,serve,bench", "phases": {
+                                      "up": {"ok": True}, "bench": {"ok": True, "loads": [load("random_c1", 40.0)]}}}))
+    single.write_text(json.dumps({"time": "2026-12-01T10:20:00Z", "commit": stale, "device": "2 x H100",
+                                  "command": "python3 two_host_rig.py run --phases single", "phases": {
+                                      "single": {"ok": True, "loads": [load("random_c1", 50.0)]}}}))
+    r = rig_report(tmp_path, str(across), str(single), "--run-commit", "rig-single=" + "c" * 40)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert list(out)[1:4] == ["commit", "device", "time"] and out["time"].endswith("Z")
+    assert out["commit"] == "c" * 40 and out["run_commits"] == ["b" * 40, "c" * 40]
+    assert out["phases"]["single"]["commit"] == "c" * 40
+    corrected = {"recorded": stale, "by": "--run-commit rig-single=" + "c" * 40}
+    assert out["phases"]["single"]["commit_corrected"] == corrected
+    assert out["phases"]["bench"]["commit"] == "b" * 40 and "commit_corrected" not in out["phases"]["bench"]
+    assert [row["ratio"] for row in out["rows"]] == [0.8]
+
+    r = rig_report(tmp_path / "refused", str(across), str(single), "--run-commit", "rig-up=" + "c" * 40)
+    assert r.returncode != 0 and "0 run files named rig-up.json" in r.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def dry_run(tmp_path: Path, deadline_s: float = 540) -> rig.Run:

@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for provenance.py
+from provenance import provenance  # noqa: E402
+
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
@@ -108,7 +111,7 @@ def main() -> int:
                                  exclude=[e for e in args.exclude.split(",") if e], ops=args.ops)
     rng = np.random.default_rng(0)
     vocab = 150000
-    result: dict = {"mode": args.mode, "exclude": args.exclude, "ops": args.ops, "arch": args.arch, "device": torch.cuda.get_device_name(0),
+    result: dict = {**provenance(), "mode": args.mode, "exclude": args.exclude, "ops": args.ops, "arch": args.arch,
                     "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"}, "init_s": init_s}
     try:
         import flag_gems, triton, vllm

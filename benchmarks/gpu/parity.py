@@ -21,8 +21,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for provenance.py
+from provenance import provenance  # noqa: E402
 
 os.environ.setdefault("GEMS_VENDOR", "nvidia")
 
@@ -169,7 +173,7 @@ def main() -> int:
         s["max_rel_err_gems_vs_fp64"] = max(s["max_rel_err_gems_vs_fp64"], row["rel_err_gems_vs_fp64"])
         s["max_rel_err_stock_vs_fp64"] = max(s["max_rel_err_stock_vs_fp64"], row["rel_err_stock_vs_fp64"])
     import flag_gems, triton, vllm
-    out = {"device": torch.cuda.get_device_name(0), "versions": {"torch": torch.__version__, "triton": triton.__version__,
+    out = {**provenance(), "versions": {"torch": torch.__version__, "triton": triton.__version__,
            "vllm": vllm.__version__, "flag_gems": flag_gems.__version__}, "install": {k: vars(v) for k, v in res.items()},
            "summary": summary, "cases": cases, "seconds": time.time() - t0}
     with open(args.out, "w") as fh:

@@ -3,8 +3,9 @@
     python3 benchmarks/gpu/report.py DIR [DIR ...]   # folders the device calls returned
 
 Writes flaggems_gpu_results.json (every engine run, parity, e2e, profile, with
-device and versions), flaggems_gpu_throughput.png and prints the table that
-docs/flaggems.md quotes.
+device and versions; the report's own commit, command line and time, and the
+commits of the runs it merged), flaggems_gpu_throughput.png and prints the
+table that docs/flaggems.md quotes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for provenance.py
+from provenance import provenance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 ORDER = ["stock", "stock_eager", "gems_compiled", "gems_compiled_no_rotary_embedding", "gems_full_decode",
@@ -23,9 +27,11 @@ def main(dirs: list[str]) -> int:
     runs: dict[str, dict] = {}
     parity = e2e = None
     profile: dict = {}
+    commits = set()
     for d in dirs:
         for f in sorted(Path(d).glob("*.json")):
             for key, val in json.loads(f.read_text()).items():
+                commits.add(val.get("commit", "unknown"))  # "unknown": a run from before runs recorded it
                 if key == "parity_ops":
                     parity = val
                 elif key.startswith("parity_e2e"):
@@ -48,7 +54,10 @@ def main(dirs: list[str]) -> int:
     table.sort(key=lambda r: (list(ARCH_NAME).index(r["arch"]) if r["arch"] in ARCH_NAME else 9,
                               ORDER.index(r["mode"]) if r["mode"] in ORDER else 99))
     any_run = next(iter(runs.values()))
-    out = {"device": any_run["device"], "versions": any_run.get("versions"),
+    here = provenance()
+    here["report_command"] = here.pop("command")
+    out = {**here, "device": any_run["device"],  # the runs' GPU, not this machine
+           "run_commits": sorted(commits), "versions": any_run.get("versions"),
            "workload": {k: any_run["throughput"][k] for k in ("requests", "input_len", "output_len")},
            "table": table, "parity_ops": parity, "parity_e2e": e2e, "profile": profile, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)

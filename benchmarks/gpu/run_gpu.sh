@@ -1,6 +1,6 @@
 #!/bin/bash
 # One phase of the FlagGems GPU validation on a device machine (staged stack).
-#   bash benchmarks/gpu/run_gpu.sh parity|bench7b|bench32b|profile [modes...]
+#   FLEETSERVE_COMMIT=<sha> bash benchmarks/gpu/run_gpu.sh parity|bench7b|bench32b|profile [modes...]
 # Results: $OUT/<phase>.json (merged) and $OUT/<phase>.log.
 set -uo pipefail
 phase=$1; shift || true

@@ -1,10 +1,10 @@
 #!/bin/bash
-# Served-endpoint GPU benchmark + dummy-weight validation of deployments/*.yaml
+# Served-endpoint GPU benchmark, stock vLLM vs FlagGems (benchmarks/gpu/served_compare.py),
 # on a device machine with the staged stack (../shared/gpu/README.md).
-#   bash benchmarks/gpu/run_served.sh [phases] [deadline_s]
-#     phases: comma list of stock,gems_compiled,minicpm,gems_eager (default: all, in that order)
+#   FLEETSERVE_COMMIT=<sha> bash benchmarks/gpu/run_served.sh [phases] [deadline_s]
+#     phases: comma list of stock,gems_compiled,gems_eager (default: all, in that order)
 #   source benchmarks/gpu/run_served.sh --env-only   # just the stack's environment
-# Needs the model dirs under .models/served_gpu (carry them; made here with
+# Needs the model dir .models/served_gpu/qwen2_5_vl_7b (carry it; made here with
 # `python3 -m cluster.cli make-model`, or on the machine if missing).
 # Results: $OUT/served.json (rewritten after each phase), $OUT/served.log, $OUT/ray_logs.txt (failures).
 
@@ -28,7 +28,7 @@ fleetserve_stack_env() {
 if [ "${1:-}" = "--env-only" ]; then fleetserve_stack_env; return 0 2>/dev/null || exit 0; fi
 
 set -uo pipefail
-phases=${1:-stock,gems_compiled,minicpm,gems_eager}
+phases=${1:-stock,gems_compiled,gems_eager}
 deadline=${2:-540}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 t0=$(date +%s)
@@ -36,7 +36,6 @@ fleetserve_stack_env
 export FLEETSERVE_FLAGGEMS_REPORT_DIR=/tmp/fleetserve-flaggems
 M=$PWD/.models/served_gpu
 [ -f $M/qwen2_5_vl_7b/config.json ] || python3 -m cluster.cli make-model --arch qwen2_5_vl --size 7b --out $M/qwen2_5_vl_7b
-[ -f $M/minicpm_o_26_8b/config.json ] || python3 -m cluster.cli make-model --arch minicpm_o_26 --size 8b --out $M/minicpm_o_26_8b
 echo "setup $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # The driver keeps its own deadline; the outer timeout is the safety net.

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from provenance import command_line, provenance  # noqa: E402
+from provenance import command_line, provenance, utc_now  # noqa: E402
 from vllm_bench import bench_serve  # noqa: E402
 from waiting import wait_for  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
@@ -269,7 +269,7 @@ def report(args: argparse.Namespace) -> None:
                 "a warm-up at the load's concurrency); random = 512 in / 128 out, random-mm = 2 images 448x448 + "
                 "128 in / 128 out. serve = fleetserve serve; stock = ray.serve.llm build_openai_app; direct = stock "
                 "with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1",
-        "commit": first.get("commit"), "device": first.get("device"),
+        "commit": first.get("commit"), "device": first.get("device"), "time": utc_now(),
         "commands": {label: r.get("server_command", r.get("command")) for label, r in runs.items()},
         "run_commands": {label: r.get("command") for label, r in runs.items() if "server_command" in r},
         "report_command": command_line(),

@@ -1,11 +1,11 @@
-"""Served-endpoint GPU benchmark and dummy-weight validation of the deployment files.
+"""Served-endpoint GPU benchmark: stock vLLM vs FlagGems behind the deployment file.
 
 Everything goes through the project's own serving path: the ``args:`` of
-``deployments/*.yaml`` (``${VAR}`` expansion and validation of
+``deployments/qwen25_vl.yaml`` (``${VAR}`` expansion and validation of
 :mod:`cluster.serving.spec`), :func:`cluster.serving.app.build_app` (Ray Serve +
 ``ray.serve.llm`` + vLLM, the FleetIngress with ``/health``), one local Ray
-cluster with the one GPU. Weights are vLLM's ``load_format: dummy`` on model
-directories of the real architectures (``fleetserve make-model``).
+cluster with the one GPU. Weights are vLLM's ``load_format: dummy`` on a model
+directory of the real architecture (``fleetserve make-model``).
 
 Phases (one Serve app at a time; each is deployed, used, deleted):
 
@@ -13,17 +13,18 @@ Phases (one Serve app at a time; each is deployed, used, deleted):
                      (the file says TP=8 for the 32B), FlagGems off
 * ``gems_compiled``  the same with ``flaggems: {enabled: true}`` (graph_mode compiled)
 * ``gems_eager``     the same with ``flaggems: {enabled: true, graph_mode: eager}``
-* ``minicpm``        deployments/minicpm_o_26.yaml (MiniCPM-o-2.6 8B dir, TP=1 as in the file)
 
 Each phase records the startup time (deploy -> ``/health`` 200), the peak GPU
 memory (NVML, whole device), ``/health``'s FlagGems report, one text and one
-image (PNG data URL) chat request, and -- for the qwen phases -- the serving
-benchmark through ``vllm bench serve`` (benchmarks/vllm_bench.py: random prompts
-at fixed concurrency, ``--ignore-eos``; TTFT/TPOT/throughput as vLLM measures them).
+image (PNG data URL) chat request as a sanity check, and the serving benchmark
+through ``vllm bench serve`` (benchmarks/vllm_bench.py: random prompts at fixed
+concurrency, ``--ignore-eos``; TTFT/TPOT/throughput as vLLM measures them).
+The deployment files themselves are validated on GPUs by ``pytest -m gpu``
+(tests/test_gpu.py), not here.
 
     # on the GPU machine (see benchmarks/gpu/run_served.sh)
     python3 benchmarks/gpu/served_compare.py run --out $OUT/served.json --deadline-s 540
-    # here, from what came back (one or more runs of one machine, merged): results files + plot
+    # here, from what came back (one or more runs of one machine, merged): served_gpu_qwen25vl7b.{json,png}
     python3 benchmarks/gpu/served_compare.py report run1/served.json [run2/served.json ...] \
         [--not-run PHASE=REASON] [--note TEXT]
 """
@@ -50,59 +51,48 @@ from provenance import command_line, provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QWEN_YAML = ROOT / "deployments" / "qwen25_vl.yaml"
-MINICPM_YAML = ROOT / "deployments" / "minicpm_o_26.yaml"
 
 #: (concurrency, requests) per level: few requests where each takes long (c=1).
 LEVELS = ((1, 8), (16, 64), (64, 128))
 MAX_TOKENS = 128
 INPUT_LEN = 64  # random prompt tokens per request
 
-PHASES: dict[str, dict[str, Any]] = {
-    "stock": {"deployment": "qwen", "flaggems": None, "bench": True},
-    "gems_compiled": {"deployment": "qwen", "flaggems": {"enabled": True}, "bench": True},
-    "gems_eager": {"deployment": "qwen", "flaggems": {"enabled": True, "graph_mode": "eager"}, "bench": True},
-    "minicpm": {"deployment": "minicpm", "flaggems": None, "bench": False},
+#: Phase -> its ``flaggems`` block (None: FlagGems off), in report order.
+PHASES: dict[str, dict[str, Any] | None] = {
+    "stock": None,
+    "gems_compiled": {"enabled": True},
+    "gems_eager": {"enabled": True, "graph_mode": "eager"},
 }
 #: Seconds a phase needs at least (start + requests + teardown) to be worth starting.
-MIN_PHASE_S = {"stock": 150, "gems_compiled": 150, "gems_eager": 100, "minicpm": 110}
+MIN_PHASE_S = {"stock": 150, "gems_compiled": 150, "gems_eager": 100}
 
 
 # -- spec ----------------------------------------------------------------------------------
-def phase_args(phase: str, model_dirs: dict[str, str], ray_accel: list[str]) -> tuple[str, dict[str, Any], dict]:
-    """The Serve app name and ``args`` of one phase, from its deployment YAML plus overrides."""
+def phase_args(phase: str, qwen_dir: str, ray_accel: list[str]) -> tuple[str, dict[str, Any], dict]:
+    """The Serve app name and ``args`` of one phase, from the deployment YAML plus overrides."""
     import yaml
 
     from cluster.serving.spec import expand_env
 
-    p = PHASES[phase]
-    env = dict(os.environ, FLEETSERVE_LOAD_FORMAT="dummy")
-    overrides: dict[str, Any] = {"model.load_format": "dummy"}
-    if p["deployment"] == "qwen":
-        path = QWEN_YAML
-        env.update(QWEN25_VL_32B_PATH=model_dirs["qwen"], QWEN25_VL_MAX_REPLICAS="1",
-                   FLEETSERVE_USE_FLAGGEMS="true" if p["flaggems"] else "false")
-    else:
-        path = MINICPM_YAML
-        env.update(MINICPM_O_26_PATH=model_dirs["minicpm"], MINICPM_O_MAX_REPLICAS="1")
-    app = yaml.safe_load(path.read_text())["applications"][0]
+    flaggems = PHASES[phase]
+    env = dict(os.environ, FLEETSERVE_LOAD_FORMAT="dummy", QWEN25_VL_32B_PATH=qwen_dir, QWEN25_VL_MAX_REPLICAS="1",
+               FLEETSERVE_USE_FLAGGEMS="true" if flaggems else "false")
+    app = yaml.safe_load(QWEN_YAML.read_text())["applications"][0]
     args = expand_env(app["args"], env)
-    if p["deployment"] == "qwen":
-        # The file is the 32B on 8 GPUs; one GPU holds the 7B of the same architecture.
-        args["tensor_parallel_size"] = 1
-        args["model"]["served_name"] = "Qwen2.5-VL-7B-Instruct"
-        overrides.update({"tensor_parallel_size": 1, "model.served_name": "Qwen2.5-VL-7B-Instruct",
-                          "model.source": model_dirs["qwen"]})
-    else:
-        overrides["model.source"] = model_dirs["minicpm"]
-    if p["flaggems"]:
-        args["flaggems"] = dict(p["flaggems"])
-        overrides["flaggems"] = dict(p["flaggems"])
+    # The file is the 32B on 8 GPUs; one GPU holds the 7B of the same architecture.
+    args["tensor_parallel_size"] = 1
+    args["model"]["served_name"] = "Qwen2.5-VL-7B-Instruct"
+    overrides: dict[str, Any] = {"model.load_format": "dummy", "tensor_parallel_size": 1,
+                                 "model.served_name": "Qwen2.5-VL-7B-Instruct", "model.source": qwen_dir}
+    if flaggems:
+        args["flaggems"] = dict(flaggems)
+        overrides["flaggems"] = dict(flaggems)
     # accelerator_type: H100 is a Ray resource only on H100 nodes; on another GPU use what Ray saw.
     want = args.get("accelerator_type")
     if want and f"accelerator_type:{want}" not in ray_accel:
         args["accelerator_type"] = ray_accel[0].split(":", 1)[1] if ray_accel else None
         overrides["accelerator_type"] = args["accelerator_type"]
-    return app["name"], args, {"file": str(path.relative_to(ROOT)), "overrides": overrides}
+    return app["name"], args, {"file": str(QWEN_YAML.relative_to(ROOT)), "overrides": overrides}
 
 
 # -- GPU memory ------------------------------------------------------------------------------
@@ -302,13 +292,13 @@ def teardown(name: str, mem: GpuMemSampler) -> dict[str, Any]:
             "killed_pids": killed}
 
 
-def run_phase(phase: str, model_dirs: dict[str, str], ray_accel: list[str], mem: GpuMemSampler,
+def run_phase(phase: str, qwen_dir: str, ray_accel: list[str], mem: GpuMemSampler,
               url: str, phase_deadline: float, log_path: Path) -> dict[str, Any]:
     from ray import serve
 
     from cluster.serving.app import build_app
 
-    name, args, spec_info = phase_args(phase, model_dirs, ray_accel)
+    name, args, spec_info = phase_args(phase, qwen_dir, ray_accel)
     served = args["model"]["served_name"]
     rec: dict[str, Any] = {"phase": phase, "app": name, "served_name": served, "spec": spec_info,
                            "args": args}
@@ -317,9 +307,7 @@ def run_phase(phase: str, model_dirs: dict[str, str], ray_accel: list[str], mem:
     t0 = time.monotonic()
     try:
         serve._run(build_app(args), _blocking=False, name=name, route_prefix="/")
-        # Leave time for the requests and the teardown.
-        reserve = 75 if PHASES[phase]["bench"] else 25
-        up = wait_up(url, name, phase_deadline - reserve)
+        up = wait_up(url, name, phase_deadline - 75)  # leave time for the requests and the teardown
     except Exception as exc:
         up = {"ok": False, "message": f"{type(exc).__name__}: {exc}"[-3000:]}
     rec["startup_s"] = round(time.monotonic() - t0, 1)
@@ -345,11 +333,10 @@ def run_phase(phase: str, model_dirs: dict[str, str], ray_accel: list[str], mem:
         rec["validation"] = validate(url, served)
         print(f"  validation: text {rec['validation']['text']['status']} image {rec['validation']['image']['status']}",
               flush=True)
-        if PHASES[phase]["bench"]:
-            try:
-                rec["levels"] = bench(url, served, str(args["model"]["source"]), phase_deadline)
-            except Exception as exc:
-                rec["bench_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            rec["levels"] = bench(url, served, str(args["model"]["source"]), phase_deadline)
+        except Exception as exc:
+            rec["bench_error"] = f"{type(exc).__name__}: {exc}"
         rec["peak_gpu_mem_gib"] = round(mem.peak / 2**30, 2)
     rec["teardown"] = teardown(name, mem)
     rec["phase_s"] = round(time.monotonic() - t0, 1)
@@ -378,7 +365,6 @@ def cmd_run(a: argparse.Namespace) -> None:
     result: dict[str, Any] = {
         **provenance(),  # its device line is replaced by NVML's record just below
         "device": mem.device(), "versions": versions(), "host": {"cpus": os.cpu_count(), "node": platform.node()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "workload": {"levels": [{"concurrency": c, "requests": n} for c, n in LEVELS], "max_tokens": MAX_TOKENS,
                      "input_len": INPUT_LEN, "ignore_eos": True, "dataset": "random",
                      "driver": "vllm bench serve --backend openai-chat (benchmarks/vllm_bench.py)"},
@@ -400,7 +386,6 @@ def cmd_run(a: argparse.Namespace) -> None:
     result["ray_accelerator_resources"] = ray_accel
     save()
     url = f"http://127.0.0.1:{a.port}"
-    model_dirs = {"qwen": a.qwen_dir, "minicpm": a.minicpm_dir}
     for phase in a.phases.split(","):
         left = end - time.monotonic()
         if left < MIN_PHASE_S[phase]:
@@ -410,7 +395,7 @@ def cmd_run(a: argparse.Namespace) -> None:
             save()
             continue
         try:
-            rec = run_phase(phase, model_dirs, ray_accel, mem, url, end, log_path)
+            rec = run_phase(phase, a.qwen_dir, ray_accel, mem, url, end, log_path)
         except Exception:
             rec = {"phase": phase, "error": traceback.format_exc()[-3000:]}
             print(rec["error"], flush=True)
@@ -423,10 +408,6 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 
 # -- report (here, from what came back) -------------------------------------------------------------
-BENCH_MODES = ("stock", "gems_compiled", "gems_eager")
-NOT_RUN_32B = "not run: needs ≥2 GPUs (only 1-GPU kinds lent)"
-
-
 def merge_runs(paths: list[str]) -> dict[str, Any]:
     """Several ``run`` outputs of one machine as one: per phase the first attempt that
     started wins; every attempt is kept under ``attempts`` (run time, started, startup_s)."""
@@ -460,7 +441,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     common = {k: raw.get(k) for k in ("commit", "command", "device", "versions", "host", "time", "runs")}
     common["report_command"] = command_line()
     modes: dict[str, Any] = {}
-    for m in BENCH_MODES:
+    for m in PHASES:
         p = phases.get(m)
         if p is None:
             modes[m] = {"status": "not run: not in this call"}
@@ -482,7 +463,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     ratios = {}
     if modes.get("stock", {}).get("status") == "ok":
         base = {lv["concurrency"]: lv for lv in modes["stock"]["levels"]}
-        for m in BENCH_MODES[1:]:
+        for m in list(PHASES)[1:]:
             if modes.get(m, {}).get("status") != "ok":
                 continue
             ratios[m] = {str(lv["concurrency"]): {
@@ -505,50 +486,16 @@ def cmd_report(a: argparse.Namespace) -> None:
     out = RESULTS / "served_gpu_qwen25vl7b"
     out.with_suffix(".json").write_text(json.dumps(bench_out, indent=1) + "\n")
     plot(bench_out, out.with_suffix(".png"))
-
-    deps = {}
-    for key, phase, yaml_file in (("qwen25_vl (7B dir, TP=1)", "stock", "deployments/qwen25_vl.yaml"),
-                                  ("qwen25_vl (7B dir, TP=1, flaggems compiled)", "gems_compiled",
-                                   "deployments/qwen25_vl.yaml"),
-                                  ("minicpm_o_26 (8B dir)", "minicpm", "deployments/minicpm_o_26.yaml")):
-        p = phases.get(phase)
-        if p is None:
-            deps[key] = {"file": yaml_file, "status": "not run: not in this call"}
-            continue
-        if "skipped" in p:
-            deps[key] = {"file": yaml_file, "status": p["skipped"]}
-            continue
-        v = p.get("validation") or {}
-        deps[key] = {
-            "file": yaml_file, "overrides": p.get("spec", {}).get("overrides"),
-            "status": "ok" if p.get("started") and v.get("text", {}).get("status") == 200
-            and v.get("image", {}).get("status") == 200 else "failed",
-            "startup_s": p.get("startup_s"), "health_status": p.get("health_status"),
-            "peak_gpu_mem_gib": p.get("peak_gpu_mem_gib", p.get("peak_gpu_mem_after_start_gib")),
-            "gpu_memory_utilization": ((p.get("args") or {}).get("engine_args") or {}).get("gpu_memory_utilization"),
-            "models_endpoint": v.get("models"), "text_request": v.get("text"), "image_request": v.get("image"),
-            "flaggems": (p.get("flaggems") or {}).get("summary"),
-            "error": p.get("error"), "run": p.get("run"), "attempts": raw["attempts"].get(phase),
-        }
-    deps["qwen25_vl (32B, TP=8, as in the file)"] = {"file": "deployments/qwen25_vl.yaml", "status": NOT_RUN_32B}
-    val_out = {
-        "what": "Dummy-weight validation of deployments/*.yaml through the serving path (build_app, Ray Serve, "
-                "ray.serve.llm, vLLM) on one GPU: startup, /health, one text and one image chat request",
-        **common, "deployments": deps, "reproduce": REPRODUCE, "notes": a.note,
-        "note": "peak_gpu_mem_gib is the whole device's memory in use (NVML), so it mostly reflects "
-                "gpu_memory_utilization (vLLM reserves that share for weights + KV cache)",
-    }
-    (RESULTS / "gpu_deployments_validation.json").write_text(json.dumps(val_out, indent=1) + "\n")
-    print(json.dumps({"modes": {m: v.get("status") for m, v in modes.items()}, "ratios": ratios,
-                      "validation": {k: v["status"] for k, v in deps.items()}}, indent=1))
+    print(json.dumps({"modes": {m: v.get("status") for m, v in modes.items()}, "ratios": ratios}, indent=1))
 
 
 REPRODUCE = [
     "bash ../shared/gpu/make-bundle.sh   # here, once; then stage .gpu-bundle/p0..pN (device calls)",
     "python3 -m cluster.cli make-model --arch qwen2_5_vl --size 7b --out .models/served_gpu/qwen2_5_vl_7b",
-    "python3 -m cluster.cli make-model --arch minicpm_o_26 --size 8b --out .models/served_gpu/minicpm_o_26_8b",
-    "device run (timeout_s 600), carry ['.models/served_gpu']: bash benchmarks/gpu/run_served.sh stock,gems_compiled,minicpm,gems_eager 530",
-    "device run (same machine, warm), carry ['.models/served_gpu']: bash benchmarks/gpu/run_served.sh gems_compiled 290",
+    "device run (timeout_s 600), carry ['.models/served_gpu']: "
+    "FLEETSERVE_COMMIT=<sha> bash benchmarks/gpu/run_served.sh stock,gems_compiled,gems_eager 530",
+    "device run (same machine, warm), carry ['.models/served_gpu']: "
+    "FLEETSERVE_COMMIT=<sha> bash benchmarks/gpu/run_served.sh gems_compiled 290",
     "python3 benchmarks/gpu/served_compare.py report <files_at>/served.json [more runs' served.json]",
 ]
 
@@ -587,16 +534,15 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="on the GPU machine")
     r.add_argument("--out", required=True)
-    r.add_argument("--phases", default="stock,gems_compiled,minicpm,gems_eager")
+    r.add_argument("--phases", default=",".join(PHASES))
     r.add_argument("--deadline-s", type=float, default=540)
     r.add_argument("--port", type=int, default=8000)
     r.add_argument("--qwen-dir", default=str(ROOT / ".models/served_gpu/qwen2_5_vl_7b"))
-    r.add_argument("--minicpm-dir", default=str(ROOT / ".models/served_gpu/minicpm_o_26_8b"))
-    p = sub.add_parser("report", help="here: results JSONs + plot from run's JSON")
+    p = sub.add_parser("report", help="here: the results JSON + plot from run's JSON")
     p.add_argument("served_json", nargs="+", help="run outputs of one machine, merged in order")
     p.add_argument("--not-run", action="append", default=[], metavar="PHASE=REASON",
                    help="why a phase that did not start was not run (replaces the run's own skip text)")
-    p.add_argument("--note", action="append", default=[], help="a note to put into both results files")
+    p.add_argument("--note", action="append", default=[], help="a note to put into the results file")
     a = ap.parse_args()
     cmd_run(a) if a.cmd == "run" else cmd_report(a)
 

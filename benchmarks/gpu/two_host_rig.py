@@ -41,6 +41,8 @@ GPU readback before device time is spent.
     python3 benchmarks/gpu/two_host_rig.py run --phases up,serve,place,chat,bench --out $OUT/rig.json
     # here
     python3 benchmarks/gpu/two_host_rig.py report run1/rig.json run2/rig.json --name two_host_rig_qwen25vl32b
+    # a run that recorded another commit than the one it ran (a stale .git), named by its file's stem
+    python3 benchmarks/gpu/two_host_rig.py report ... --run-commit rig-single=SHA
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import command_line, provenance  # noqa: E402
+from provenance import command_line, provenance, utc_now  # noqa: E402
 from waiting import stop_like_ctrl_c  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -734,8 +736,9 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in sorted(runs, key=lambda r: r.get("time", "")):
         for name, rec in run.get("phases", {}).items():
             if name not in phases or rec.get("ok") or not phases[name].get("ok"):
-                phases[name] = {**rec, "commit": run.get("commit"), "device": run.get("device"),
-                                "flaggems": run.get("flaggems"), "model_size": run.get("model_size")}
+                phases[name] = {**rec, **{k: run[k] for k in ("commit", "commit_corrected") if k in run},
+                                "device": run.get("device"), "flaggems": run.get("flaggems"),
+                                "model_size": run.get("model_size")}
     emulated = {r["load"]: r for r in phases.get("bench", {}).get("loads", [])}
     single = {r["load"]: r for r in phases.get("single", {}).get("loads", [])}
     rows = []
@@ -757,12 +760,21 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def report(args: argparse.Namespace) -> None:
     runs = [json.loads(Path(p).read_text()) for p in args.results]
+    for item in args.run_commit:  # a run that recorded a stale .git's commit: corrected, what it said kept
+        label, commit = item.split("=", 1)
+        named = [run for path, run in zip(args.results, runs) if Path(path).stem == label]
+        if len(named) != 1:
+            sys.exit(f"--run-commit {item}: {len(named)} run files named {label}.json (runs: "
+                     f"{', '.join(Path(p).stem for p in args.results)})")
+        named[0]["commit_corrected"] = {"recorded": named[0].get("commit"), "by": f"--run-commit {item}"}
+        named[0]["commit"] = commit
     merged = merge_runs(runs)
     devices = sorted({r.get("device") for r in runs})
     out = {"what": "two emulated hosts on one GPU machine (tests/hosts/emulation.py), fleetserve up + serve, "
                    "TP x PP with one PP stage per host, vs the same TP x PP on one host; client vllm bench serve",
-           "commit": runs[-1].get("commit"), "device": devices[0] if len(devices) == 1 else devices,
-           "report_command": command_line(), "run_commands": [r.get("command") for r in runs], **merged,
+           "commit": runs[-1].get("commit"), "device": devices[0] if len(devices) == 1 else devices, "time": utc_now(),
+           "report_command": command_line(), "run_commands": [r.get("command") for r in runs],
+           "run_commits": [r.get("commit") for r in runs], **merged,
            "note": args.note}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1, default=str))
@@ -802,6 +814,9 @@ def main() -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--note", default="")
+    p.add_argument("--run-commit", action="append", default=[], metavar="LABEL=SHA",
+                   help="the commit the run file LABEL.json really ran, where it recorded another "
+                        "(kept as commit_corrected)")
     args = parser.parse_args()
     if args.cmd == "report":
         report(args)
