@@ -9,6 +9,9 @@ import pytest
 
 from tinyqwen2 import local_ray
 
+# The emulated hosts' fixtures (host_emulator, three_hosts), for every module that asks for them.
+pytest_plugins = ["hosts.fixtures"]
+
 MODEL_CACHE = Path(os.environ.get("FLEETSERVE_TEST_MODELS", Path.home() / ".cache/fleetserve/test-models"))
 
 

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
-from hosts.fixtures import cli, host_emulator, three_hosts  # noqa: E402,F401
+from hosts.fixtures import cli  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
 from cluster.fleet.hostfile import load_hostfile  # noqa: E402

@@ -47,7 +47,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from hosts.emulation import HostEmulator  # noqa: E402
-from hosts.fixtures import cli, host_emulator  # noqa: E402,F401
+from hosts.fixtures import cli  # noqa: E402
 import waiting  # noqa: E402
 from loadgen import CLIENT_TIMEOUT_S, Counts, Load, add, ingress_counters  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2  # noqa: E402

@@ -36,7 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
-from hosts.fixtures import FLEETSERVE, cli, host_emulator  # noqa: E402,F401
+from hosts.fixtures import FLEETSERVE, cli  # noqa: E402
 from waiting import wait_for  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2  # noqa: E402
 

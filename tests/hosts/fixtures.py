@@ -1,4 +1,4 @@
-"""pytest fixtures for emulated hosts (import them into a test module to use them)."""
+"""pytest fixtures for emulated hosts (tests/conftest.py registers them for every module)."""
 
 from __future__ import annotations
 
