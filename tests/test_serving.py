@@ -264,7 +264,9 @@ def test_killed_replica_is_restarted_while_the_other_serves(client):
         return next(d for name, d in deps.items() if "LLMServer" in name)["replicas"]
 
     victim = llm_replicas()[0]
-    with Load(BASE, MODEL, workers=2, max_tokens=16) as load:
+    # Think time: back-to-back clients would keep the surviving engine on both cores while the
+    # replacement starts beside it on this 2-core machine.
+    with Load(BASE, MODEL, workers=2, max_tokens=16, pause_s=0.3) as load:
         load.wait_served(2)
         ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,18 @@ def make_tiny_qwen2(out: Path, seed: int = 0) -> Path:
 
 
 def tiny_qwen2() -> Path:
-    """The tiny text model, made once per machine."""
+    """The tiny text model, made once per machine.
+
+    Made beside its place and renamed into it: the two test streams of
+    scripts/test.sh may both find it missing on a fresh machine.
+    """
     out = MODEL_CACHE / "tiny-qwen2-text"
     if not (out / "model.safetensors").exists():
-        make_tiny_qwen2(out)
+        staging = make_tiny_qwen2(out.with_name(f"{out.name}.{os.getpid()}.tmp"))
+        try:
+            staging.rename(out)
+        except OSError:  # the other stream's copy got there first
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
