@@ -70,8 +70,8 @@ def launch(config: Path, port: int):
     serve.run(build_app(app_cfg["args"]), name=app_cfg["name"], route_prefix="/", blocking=False)
     from cluster.serving.spec import load_serving_args
 
-    model = load_serving_args(app_cfg["args"]).models[0]
-    return model.served_name, str(model.source)
+    spec = load_serving_args(app_cfg["args"]).models[0]
+    return spec.served_name, str(spec.model.source)
 
 
 def main() -> None:
