@@ -21,29 +21,40 @@ if [ "$(id -u)" = 0 ]; then
 fi
 export PYTHONUNBUFFERED=1
 pytest=(.venv/bin/python -m pytest)
-# Options only (no -m/-k/paths) and emulated hosts available: two streams. The emulated-host
-# modules (marker `hosts`: SSH, `ray start`, timeouts) leave a core idle about half the time
-# (a serial run kept the 2 cores 59% busy), so they run beside the rest, one at a time (they
-# share the hosts' namespaces); their output follows the main stream's.
-split=$([ "$(id -u)" = 0 ] && echo yes)
+# As root with only these options: two streams. The emulated-host modules (marker `hosts`: SSH,
+# `ray start`, timeouts) leave a core idle about half the time (a serial run kept the 2 cores 59%
+# busy), so they run beside the rest, one at a time (they share the hosts' namespaces); their
+# output follows the main stream's. Any other argument (-m, -k, paths, --basetemp, --junitxml,
+# cache options, an option's value as a separate word) runs one stream as before.
+split=
+if [ "$(id -u)" = 0 ]; then split=yes; fi
 for arg in "$@"; do
-  case $arg in -m|-m*|-k|-k*|--deselect*|[!-]*) split=;; esac
+  case $arg in -v|-vv|-vvv|-q|-qq|-s|-x|-r?*|--durations=*|--tb=*|--maxfail=*|--timeout=*) ;; *) split=;; esac
 done
 if [ -z "$split" ]; then
   # A later -m given by the caller replaces this one (pytest keeps the last).
   exec "${pytest[@]}" -m "not gpu and not soak" "$@"
 fi
 hosts_log=$(mktemp /tmp/fleetserve-hosts-tests.XXXXXX)
-"${pytest[@]}" -p no:cacheprovider -m "hosts and not gpu and not soak" "$@" > "$hosts_log" 2>&1 &
+# Background jobs start with SIGINT ignored: give it back, so that Ctrl-C (which reaches the whole
+# process group) ends each pytest through its fixtures' teardown, as in a single run.
+(trap - INT; exec "${pytest[@]}" -p no:cacheprovider -m "hosts and not gpu and not soak" "$@") \
+  > "$hosts_log" 2>&1 &
 hosts_pid=$!
-trap 'kill $hosts_pid 2>/dev/null' INT TERM
+(trap - INT; exec "${pytest[@]}" -m "not hosts and not gpu and not soak" "$@") &
+main_pid=$!
+# Ctrl-C has reached both already; SIGTERM is passed on, as a single run's pytest would get it.
+trap 'wait $main_pid $hosts_pid || true; rm -f "$hosts_log"; exit 130' INT
+trap 'kill -TERM $main_pid $hosts_pid 2>/dev/null; wait $main_pid $hosts_pid || true; rm -f "$hosts_log"; exit 143' TERM
 rc=0
-"${pytest[@]}" -m "not hosts and not gpu and not soak" "$@" || rc=$?
+wait $main_pid || rc=$?
 hosts_rc=0
 wait $hosts_pid || hosts_rc=$?
+trap - INT TERM
 echo; echo "=========================== emulated-host modules (marker hosts) ==========================="
 cat "$hosts_log"; rm -f "$hosts_log"
 echo "main stream exit $rc, emulated-host stream exit $hosts_rc"
 # pytest's 5 ("no tests collected") is no failure for one stream.
-[ $rc = 5 ] && rc=0; [ $hosts_rc = 5 ] && hosts_rc=0
+if [ $rc = 5 ]; then rc=0; fi
+if [ $hosts_rc = 5 ]; then hosts_rc=0; fi
 exit $(( rc > hosts_rc ? rc : hosts_rc ))

@@ -40,4 +40,4 @@ def ray_local():
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The scale-out module last: scripts/test.sh runs the emulated-host modules beside the rest, and
     its four engine starts under load go best once the other stream's engines are done."""
-    items.sort(key=lambda item: item.module.__name__ == "test_fleet_hosts" if item.module else False)
+    items.sort(key=lambda item: item.path.name == "test_fleet_hosts.py")

@@ -93,7 +93,10 @@ def tiny_qwen2() -> Path:
         staging = make_tiny_qwen2(out.with_name(f"{out.name}.{os.getpid()}.tmp"))
         try:
             staging.rename(out)
-        except OSError:  # the other stream's copy got there first
+        except OSError:  # a copy is there: the other stream's, or one a crash left half-written
+            if not (out / "model.safetensors").exists():
+                shutil.rmtree(out, ignore_errors=True)
+                staging.rename(out)
             shutil.rmtree(staging, ignore_errors=True)
     return out
 

@@ -544,6 +544,9 @@ def main() -> None:
                    help="why a phase that did not start was not run (replaces the run's own skip text)")
     p.add_argument("--note", action="append", default=[], help="a note to put into the results file")
     a = ap.parse_args()
+    unknown = sorted(set(a.phases.split(",")) - set(PHASES)) if a.cmd == "run" else []
+    if unknown:
+        ap.error(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     cmd_run(a) if a.cmd == "run" else cmd_report(a)
 
 
