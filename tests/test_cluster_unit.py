@@ -331,3 +331,32 @@ def test_drain_runs_check_then_drain_then_wait_on_the_head_and_stops_ray() -> No
     with pytest.raises(ClusterError, match="cannot drain 10.0.0.2: replicas with workers") as err:
         rc.drain("10.0.0.2", workload=drain_wait)
     assert err.value.problems == {"10.0.0.2": "pass --force"} and len(calls) == 1
+
+
+def test_serve_on_a_recorded_cluster_that_is_gone_says_so_at_once(tmp_path) -> None:
+    """A record `fleetserve up` left whose cluster no longer answers: a clear error naming it and the fix,
+    not Ray's 20 s of connect retries and a traceback; `down` of that cluster forgets the record."""
+    import json
+    import socket
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+    from cluster.fleet.state import forget_cluster, record_cluster, state_file
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    record_cluster(tmp_path, tmp_path / "hostfile", "127.0.0.1:6379", f"http://127.0.0.1:{port}", None)
+    config = Path(__file__).resolve().parents[1] / "deployments" / "tiny.yaml"
+    out = CliRunner().invoke(app, ["serve", str(config)], env={"FLEETSERVE_STATE_DIR": str(tmp_path),
+                                                               "COLUMNS": "200", "RAY_ADDRESS": ""})
+    assert out.exit_code != 0
+    assert "the cluster `fleetserve up` recorded (127.0.0.1:6379) does not answer" in out.output, out.output
+    assert str(state_file(tmp_path)) in out.output
+
+    forget_cluster(tmp_path, "10.0.0.1:6379")  # another cluster's down: the record stays
+    assert json.loads(state_file(tmp_path).read_text())["address"] == "127.0.0.1:6379"
+    forget_cluster(tmp_path, "127.0.0.1:6379")
+    assert not state_file(tmp_path).exists()

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from cluster.commands import fail
 from cluster.errors import FleetserveError
+from cluster.fleet.state import state_file
 
 console = Console()
 err_console = Console(stderr=True)
@@ -122,16 +123,22 @@ def serve(
     replicas get. Prints one line when the endpoint is ready; Ctrl-C stops the
     app, and the local Ray head if this command started it.
     """
-    from cluster.commands.serve_launch import SERVE_CLI, LocalHead, endpoint_url, recorded_cluster, wait_ready, write_resolved
+    from cluster.commands.serve_launch import (SERVE_CLI, LocalHead, dashboard_answers, endpoint_url,
+                                               recorded_cluster, wait_ready, write_resolved)
     from cluster.serving.config_file import load_serve_config
 
-    recorded, auth_env = recorded_cluster()
+    recorded, auth_env, recorded_dashboard = recorded_cluster()
     address = address or os.environ.get("RAY_ADDRESS") or recorded
     if detach and not address:
         fail(FleetserveError("--detach needs a running cluster (fleetserve up, --address or RAY_ADDRESS): "
                              "a Ray head started by this command stops when it returns"))
     if address != recorded or "RAY_AUTH_MODE" in os.environ:
         auth_env = {}  # another cluster, or the user's own token settings: leave them as they are
+    if address and address == recorded and recorded_dashboard and not dashboard_answers(recorded_dashboard):
+        fail(FleetserveError(f"the cluster `fleetserve up` recorded ({address}) does not answer at "
+                             f"{recorded_dashboard}\n  fix: bring it up again (fleetserve up HOSTFILE), name "
+                             f"another with --address, or remove {state_file()} to serve on a Ray head of "
+                             "this command's own"))
     try:
         cfg = load_serve_config(config, overrides)
         # Served on a head started here, the model must be on this machine.

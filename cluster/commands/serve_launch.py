@@ -56,14 +56,26 @@ def write_resolved(cfg: dict[str, Any], source: Path) -> Path:
     return path
 
 
-def recorded_cluster() -> tuple[str | None, dict[str, str]]:
-    """The GCS address the last `fleetserve up` recorded, and the env that presents its Ray token."""
+def recorded_cluster() -> tuple[str | None, dict[str, str], str | None]:
+    """The GCS address the last `fleetserve up` recorded, the env that presents its Ray token, its dashboard."""
     try:
         state = json.loads(state_file().read_text())
     except (OSError, ValueError):
-        return None, {}
+        return None, {}, None
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]} if state.get("token_path") else {}
-    return state.get("address"), auth
+    return state.get("address"), auth, state.get("dashboard")
+
+
+def dashboard_answers(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether a Ray dashboard answers at ``url`` (an auth refusal is an answer too).
+
+    Ray's own connect to a GCS that is gone retries for ~20 s and ends in a
+    traceback; this lets the caller say which cluster it meant, and the fix.
+    """
+    try:
+        return httpx.get(f"{url}/api/version", timeout=timeout_s).status_code in (200, 401, 403)
+    except httpx.HTTPError:
+        return False
 
 
 def endpoint_url(cfg: dict[str, Any], address: str) -> str:

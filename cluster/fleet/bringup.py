@@ -51,7 +51,7 @@ from cluster.fleet.preflight import PACKAGES, Probe, preflight
 from cluster.fleet.raystart import TRANSIENT_START_ERROR, NodeCommands, label_value, node_env
 from cluster.fleet.remote import drain as drain_program, head_query as head_query_program, probe as probe_program
 from cluster.fleet.ssh import CommandResult, CommandTimeout, Redactor, SSHError, SSHPool
-from cluster.fleet.state import record_cluster, state_file
+from cluster.fleet.state import forget_cluster, record_cluster, state_file
 
 
 class HostProgress(Protocol):
@@ -572,6 +572,8 @@ class RayCluster:
                 else:
                     out[name] = "stopped"
                     progress.ok(name, "Ray stopped")
+        if out.get(self.head.name) == "stopped":
+            forget_cluster(self.state_dir, self.address)
         return out
 
     @_redacting

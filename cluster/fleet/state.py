@@ -31,6 +31,16 @@ def record_cluster(state_dir: Path | None, hostfile: Path, address: str, dashboa
                                 "time": time.time(), "token_path": str(token_path) if token_path else None}, indent=2))
 
 
+def forget_cluster(state_dir: Path | None, address: str) -> None:
+    """Drop the record after ``down`` stopped that cluster's head, so nothing later targets a stopped cluster."""
+    path = state_file(state_dir)
+    try:
+        if json.loads(path.read_text()).get("address") == address:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def resolve_hostfile(hostfile: Path | None, state_dir: Path | None = None) -> ClusterConfig:
     """The given hostfile, else the one the last successful ``up`` used."""
     if hostfile is None:
