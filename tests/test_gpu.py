@@ -117,10 +117,14 @@ def api_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     return key, path
 
 
-def overrides(model_dir: Path, gpus: int, *extra: str) -> list[str]:
-    sets = [f"model.source={model_dir}", f"model.served_name={SERVED}", "model.load_format=dummy",
-            f"tensor_parallel_size={gpus}", "accelerator_type=null", *extra]
+def set_args(*sets: str) -> list[str]:
+    """``--set KEY=VALUE`` for each override."""
     return [arg for s in sets for arg in ("--set", s)]
+
+
+def overrides(model_dir: Path, gpus: int, *extra: str) -> list[str]:
+    return set_args(f"model.source={model_dir}", f"model.served_name={SERVED}", "model.load_format=dummy",
+                    f"tensor_parallel_size={gpus}", "accelerator_type=null", *extra)
 
 
 def serve_env(key_file: Path, key: str) -> dict[str, str]:
@@ -262,9 +266,8 @@ def minicpm(gpus: int, api_key: tuple[str, Path], results_dir: Path, tmp_path_fa
     """deployments/minicpm_o_26.yaml as in the file (TP=1), audio allowed through ``--set``."""
     model = make_model_dir("minicpm_o_26", "8b", "minicpm_o_26_8b", tmp_path_factory)
     key, key_file = api_key
-    sets = [f"model.source={model}", "model.load_format=dummy", "accelerator_type=null",
-            "limit_mm_per_prompt.audio=1"]
-    sets = [arg for s in sets for arg in ("--set", s)]
+    sets = set_args(f"model.source={model}", "model.load_format=dummy", "accelerator_type=null",
+                    "limit_mm_per_prompt.audio=1")
     result: dict = {"file": str(MINICPM_FILE.relative_to(ROOT)), "layout": "tp1", "tensor_parallel_size": 1,
                     "pipeline_parallel_size": 1, "flaggems": False, "overrides": sets[1::2], "checks": {}}
     log = tmp_path_factory.mktemp("serve-minicpm") / "serve.log"

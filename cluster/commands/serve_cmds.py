@@ -179,7 +179,7 @@ def serve(
             if head is not None:
                 # The app lives and dies with the head this command started: ending the head's
                 # processes (below) ends the replicas and engines with it, without Serve's graceful
-                # per-replica shutdown first (2 cores, tiny model: 42 s from SIGTERM to exit before, 35 s now).
+                # per-replica shutdown first (2 cores, tiny model: 42 s from SIGTERM to exit before, 13 s now).
                 proc.kill()
                 proc.wait()
             else:
