@@ -155,12 +155,32 @@ def small_png() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def auth_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"}
+
+
+def use_fresh_api_key(directory: Path) -> None:
+    """A key for this run: the deployment file's endpoint needs one (its ``api_keys_file``).
+
+    The file is what the spec reads (``FLEETSERVE_API_KEYS_FILE``); the client reads
+    ``OPENAI_API_KEY``, as ``vllm bench serve`` does.
+    """
+    import secrets
+
+    key = secrets.token_urlsafe(32)
+    path = directory / "api-keys"
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    os.environ["FLEETSERVE_API_KEYS_FILE"] = str(path)
+    os.environ["OPENAI_API_KEY"] = key
+
+
 def validate(url: str, model: str) -> dict[str, Any]:
     """One text and one image chat request, not streamed; status codes and usage."""
     import httpx
 
     out: dict[str, Any] = {}
-    r = httpx.get(f"{url}/v1/models", timeout=30)
+    r = httpx.get(f"{url}/v1/models", timeout=30, headers=auth_headers())
     out["models"] = {"status": r.status_code, "ids": [m.get("id") for m in r.json().get("data", [])]
                      if r.status_code == 200 else r.text[:300]}
     image = small_png()
@@ -173,7 +193,7 @@ def validate(url: str, model: str) -> dict[str, Any]:
     for kind, messages in requests.items():
         t0 = time.perf_counter()
         try:
-            r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=120, headers=auth_headers(), json={
                 "model": model, "messages": messages, "max_tokens": 16, "temperature": 0})
             rec: dict[str, Any] = {"status": r.status_code, "seconds": round(time.perf_counter() - t0, 3)}
             if r.status_code == 200:
@@ -244,7 +264,7 @@ def wait_up(url: str, name: str, deadline: float) -> dict[str, Any]:
             return {"ok": False, "app_status": status, "message": msg[-3000:]}
         if status == "RUNNING":
             try:
-                r = httpx.get(f"{url}/health", timeout=15)
+                r = httpx.get(f"{url}/health", timeout=15, headers=auth_headers())
                 if r.status_code == 200:
                     return {"ok": True, "health": r.json()}
                 last = r.text[:300]
@@ -375,9 +395,12 @@ def cmd_run(a: argparse.Namespace) -> None:
         result["elapsed_s"] = round(time.monotonic() - start, 1)
         out.write_text(json.dumps(result, indent=1, default=str))
 
+    import tempfile
+
     import ray
     from ray import serve
 
+    use_fresh_api_key(Path(tempfile.mkdtemp(prefix="served-compare-")))
     t0 = time.monotonic()
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
