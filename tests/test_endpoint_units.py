@@ -16,14 +16,21 @@ from cluster.serving.spec import EndpointSpec, check_endpoint_exposure, load_ser
 from test_endpoint_security import huge_png_header, png_bytes
 
 
-def test_open_endpoint_beyond_loopback_is_refused_unless_on_purpose():
-    open_ = EndpointSpec()
+def test_open_endpoint_beyond_loopback_is_refused_unless_on_purpose(tmp_path):
+    def serving(endpoint: dict, data_path: str = "ingress"):
+        return load_serving_args({"model": str(tmp_path), "endpoint": endpoint, "data_path": data_path}, source="t")
+
+    open_ = serving({})
     assert check_endpoint_exposure(open_, "127.0.0.1", "f", "args.endpoint", "h") == []
     assert check_endpoint_exposure(open_, "::1", "f", "args.endpoint", "h") == []
     [err] = check_endpoint_exposure(open_, "0.0.0.0", "f.yaml", "args.endpoint", "http_options.host")
     assert "no API keys" in err.problem and "allow_unauthenticated" in err.fix
-    assert check_endpoint_exposure(EndpointSpec(allow_unauthenticated=True), "0.0.0.0", "f", "k", "h") == []
-    assert check_endpoint_exposure(EndpointSpec(api_keys_env="K"), "10.0.0.5", "f", "k", "h") == []
+    assert check_endpoint_exposure(serving({"allow_unauthenticated": True}), "0.0.0.0", "f", "k", "h") == []
+    assert check_endpoint_exposure(serving({"api_keys_env": "K"}), "10.0.0.5", "f", "k", "h") == []
+    # The direct path's replicas listen on every interface even when Serve's proxy is on loopback.
+    [err] = check_endpoint_exposure(serving({}, "direct"), "127.0.0.1", "f.yaml", "args.endpoint", "http_options.host")
+    assert "every interface" in err.problem
+    assert check_endpoint_exposure(serving({"api_keys_env": "K"}, "direct"), "127.0.0.1", "f", "k", "h") == []
 
 
 def test_api_keys_env_must_be_a_name_not_a_key(tmp_path):

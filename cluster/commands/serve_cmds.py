@@ -149,7 +149,7 @@ def serve(
     head = None
     try:
         if not address:
-            head = LocalHead(num_cpus)
+            head = LocalHead(num_cpus, env=_head_env(cfg))
             console.print(f"starting a local Ray head ({num_cpus} logical CPUs) at {head.address}; it stops when "
                           "this command ends; `fleetserve status` shows it", soft_wrap=True)
             head.start()
@@ -221,6 +221,14 @@ def _check_hostfile_fits(cfg: dict, path: Path, hostfile: Path) -> None:
         problems += check_world_size(spec, slots, path, prefix, f"hostfile {hostfile}")
     if problems:
         raise ConfigErrors(problems)
+
+
+def _head_env(cfg: dict) -> dict[str, str]:
+    """Cluster settings a local head needs for the file's apps: the direct data path's HAProxy ingress."""
+    from cluster.serving.direct import CLUSTER_ENV
+
+    direct = any(serving.data_path == "direct" for serving in cfg.get("_fleetserve", {}).values())
+    return dict(CLUSTER_ENV) if direct else {}
 
 
 def _specs_with_keys(cfg: dict):

@@ -123,7 +123,8 @@ def _free_port() -> int:
 class LocalHead:
     """A single-node Ray head owned by one ``fleetserve serve`` command (see module docstring)."""
 
-    def __init__(self, num_cpus: int):
+    def __init__(self, num_cpus: int, env: dict[str, str] | None = None):
+        self.env = dict(env or {})  # cluster settings for every Ray process of this head
         self.port = _free_port()
         self.dashboard_port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -146,7 +147,7 @@ class LocalHead:
     def start(self, timeout_s: float = 120.0) -> None:
         # vLLM's INFO lines (per process: Triton probing, every engine option) bury what a user watching
         # this terminal needs; its warnings and errors stay. VLLM_LOGGING_LEVEL=INFO brings them back.
-        env = {"VLLM_LOGGING_LEVEL": "WARNING", **os.environ}
+        env = {"VLLM_LOGGING_LEVEL": "WARNING", **os.environ, **self.env}
         self._proc = subprocess.Popen(self._cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + timeout_s

@@ -127,7 +127,7 @@ def build_app(args: dict[str, Any]):
     """
     serving = load_serving_args(args, source="Serve application args", key_prefix="args.", in_cluster=_in_cluster_task())
     _check_live_cluster(serving)
-    problems = check_endpoint_exposure(serving.endpoint, _serve_http_host(), "Serve application args",
+    problems = check_endpoint_exposure(serving, _serve_http_host(), "Serve application args",
                                        "args.endpoint", "Serve's http_options.host")
     if problems:
         raise ConfigErrors(problems)
@@ -150,6 +150,10 @@ def _serve_http_host() -> str | None:
 
 
 def compose_app(serving: ServingArgs, api_key_digests: tuple[bytes, ...] = ()):
+    if serving.data_path == "direct":
+        from cluster.serving.direct import compose_direct_app
+
+        return compose_direct_app(serving, api_key_digests)
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import LLMConfig, build_llm_deployment

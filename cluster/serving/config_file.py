@@ -150,7 +150,7 @@ def load_serve_config(path: str | Path, overrides: list[str] | None = None,
         try:
             validated[name] = load_serving_args(app.get("args") or {}, path, key_prefix=f"applications.{i}.args.")
             host = (raw.get("http_options") or {}).get("host")
-            errors += check_endpoint_exposure(validated[name].endpoint, host, path, f"applications.{i}.args.endpoint",
+            errors += check_endpoint_exposure(validated[name], host, path, f"applications.{i}.args.endpoint",
                                               "http_options.host")
         except ConfigErrors as exc:
             errors += exc.errors

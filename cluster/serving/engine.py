@@ -33,7 +33,24 @@ WORKER_NODES_PERIOD_S = 2.0
 
 
 class FleetLLMServer(LLMServer):
-    """LLMServer with the FlagGems host check and a status method for /health."""
+    """LLMServer with the FlagGems host check and a status method for /health.
+
+    ``direct``: on the direct data path (:mod:`cluster.serving.direct`) the replica is
+    the HTTP endpoint and puts fleetserve's middleware on vLLM's app.
+    """
+
+    async def __init__(self, llm_config: Any, *, direct: Any = None, **kwargs: Any) -> None:
+        self._direct = direct
+        await super().__init__(llm_config, **kwargs)
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        """vLLM's FastAPI app (ray.serve.llm's hook, called once the engine runs) plus our middleware."""
+        app = await super().__serve_build_asgi_app__()
+        if self._direct is not None:
+            from cluster.serving.direct import install
+
+            install(app, self, self._direct)
+        return app
 
     async def start(self) -> None:
         from cluster.kernels import FlagGemsConfig, config_from_env, plan_kernels
@@ -143,15 +160,18 @@ class FleetLLMServer(LLMServer):
 
     async def fleet_status(self) -> dict[str, Any]:
         """Liveness plus where this replica runs and what its workers report."""
+        await self.check_health()
+        return self.replica_report()
+
+    def replica_report(self) -> dict[str, Any]:
+        """Where this replica runs and what its workers report (reads files and Ray's KV: call off the loop)."""
         from cluster.kernels import collect_reports
 
-        await self.check_health()
-        deployment = os.environ.get("FLEETSERVE_DEPLOYMENT", "")
         return {
             "model_source": self._llm_config.model_loading_config.model_source,
             "replica_host": socket.gethostname(),
             "node_ip": os.environ.get("VLLM_HOST_IP") or _node_ip(),
-            "flaggems": collect_reports(deployment),
+            "flaggems": collect_reports(os.environ.get("FLEETSERVE_DEPLOYMENT", "")),
         }
 
 

@@ -30,10 +30,8 @@ errors into OpenAI error bodies. This subclass adds only:
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import binascii
 import logging
 import time
 from typing import Any
@@ -41,13 +39,13 @@ from typing import Any
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
-from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 from ray.serve.llm.ingress import OpenAiIngress
 
+from cluster.serving.checks import check_chat
 from cluster.serving.limits import ChatRequest, CompletionsRequest, InFlight, RequestRejected, apply_limits
-from cluster.serving.media import ImageFetcher, check_image_bytes, image_parts, media_url_problem, to_data_url
+from cluster.serving.media import ImageFetcher
 from cluster.serving.status import failure_reason
-from cluster.serving.spec import EndpointSpec, MediaPolicy
+from cluster.serving.spec import EndpointSpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -67,56 +65,6 @@ def _error(code: int, message: str, err_type: str, headers: dict[str, str] | Non
     body = {"object": "error", "message": message, "type": err_type, "code": code,
             "error": {"message": message, "type": err_type, "code": code}}
     return JSONResponse(status_code=code, content=body, headers=headers)
-
-
-def _image_urls(body: Any) -> list[Any]:
-    """The URLs of every image input of a chat request, in order (None for inline PIL/embeds parts)."""
-    urls: list[Any] = []
-    for message in body.messages or []:
-        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            part = part if isinstance(part, dict) else getattr(part, "model_dump", lambda: {})()
-            if part.get("type") == "image_url":
-                image = part.get("image_url") or {}
-                urls.append(image.get("url", "") if isinstance(image, dict) else image)
-            elif part.get("type") in ("image_pil", "image_embeds"):
-                urls.append(None)
-    return urls
-
-
-def check_images(urls: list[Any], max_images: int | None, max_bytes: int, model: str,
-                 max_pixels: int = MediaPolicy().max_image_pixels) -> None:
-    """Reject what no replica could serve: too many images, other URL schemes, bad or huge data URLs.
-
-    http(s) URLs pass here; the ingress fetches them (:mod:`cluster.serving.media`).
-    """
-    if max_images is not None and len(urls) > max_images:
-        raise RequestRejected(
-            400,
-            f"too many images: the request has {len(urls)} and model {model!r} accepts at most "
-            f"{max_images} per prompt (limit_mm_per_prompt.image)",
-        )
-    for i, url in enumerate(urls):
-        if url is None:
-            continue
-        if not isinstance(url, str) or not url:
-            raise RequestRejected(400, f"image {i}: image_url.url must be a non-empty string")
-        if not url.startswith("data:"):
-            if not url.startswith(("http://", "https://")):
-                raise RequestRejected(400, f"image {i}: only http(s):// and data: image URLs are accepted")
-            continue
-        header, sep, payload = url.partition(",")
-        if not sep or ";base64" not in header or not header[5:].startswith("image/"):
-            raise RequestRejected(400, f"image {i}: a data URL must look like data:image/<type>;base64,<data>")
-        if len(payload) * 3 // 4 > max_bytes:
-            raise RequestRejected(413, f"image {i}: larger than the {max_bytes} byte limit", "RequestTooLarge")
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise RequestRejected(400, f"image {i}: the data URL is not valid base64 ({exc})") from None
-        check_image_bytes(raw, i, max_pixels)
 
 
 def client_message(message: str, status_code: int) -> str:
@@ -297,35 +245,7 @@ class FleetIngress(OpenAiIngress):
     async def _check_chat(self, body: Any) -> None:
         """Limits, message shape and images of a chat request; http(s) images become data: URLs."""
         model = await self._get_model_id(body.model)
-        limits = self._input_limits.get(model, {})
-        apply_limits(body, self._endpoint.limits, chat=True)
-        # Message contents may still be pydantic's one-shot iterators: make them lists
-        # before they are read here (Ray Serve LLM does the same before routing). Each
-        # content part is validated only then: a malformed one is the client's error.
-        try:
-            _sanitize_chat_completion_request(body)
-        except ValueError:
-            raise RequestRejected(400, "a message's content parts are malformed: each part needs its type and "
-                                  'that field, e.g. {"type": "image_url", "image_url": {"url": "https://..."}}'
-                                  ) from None
-        problem = media_url_problem(body)
-        if problem:
-            raise RequestRejected(400, problem)
-        urls = _image_urls(body)
-        if not urls:
-            return
-        max_bytes, max_pixels = limits.get("max_image_bytes", 20 << 20), self._endpoint.media.max_image_pixels
-        # Decoding is CPU work: keep it off the event loop that serves other requests.
-        await asyncio.to_thread(check_images, urls, limits.get("max_images"), max_bytes, model, max_pixels)
-        remote = [(i, part) for i, part in enumerate(image_parts(body))
-                  if str((part.get("image_url") or {}).get("url", "")).startswith(("http://", "https://"))]
-        if not remote:
-            return
-        fetched = await asyncio.gather(
-            *(self._fetcher.fetch(part["image_url"]["url"], i, max_bytes) for i, part in remote))
-        for (i, part), raw in zip(remote, fetched):
-            mime = await asyncio.to_thread(check_image_bytes, raw, i, max_pixels)
-            part["image_url"]["url"] = to_data_url(raw, mime)
+        await check_chat(body, self._endpoint, self._input_limits.get(model, {}), self._fetcher, model)
 
     # -- routing with retries ------------------------------------------------------------
     def _unavailable(self, why: str) -> Response:

@@ -424,8 +424,17 @@ class EndpointSpec(_Strict):
         return bool(self.api_keys_env or self.api_keys_file)
 
 
-def check_endpoint_exposure(endpoint: EndpointSpec, host: str | None, source: Any, key: str, host_key: str) -> list[ConfigError]:
-    """A deployment listening beyond loopback must have API keys, or say on purpose that it has none."""
+def check_endpoint_exposure(serving: ServingArgs, host: str | None, source: Any, key: str,
+                            host_key: str) -> list[ConfigError]:
+    """A deployment listening beyond loopback must have API keys, or say on purpose that it has none.
+
+    ``host``: where Serve's HTTP proxy listens (``host_key`` names that setting). On the
+    direct data path the replicas' own HTTP ports are the endpoint, and Ray binds them on
+    every interface (HAProxy on any node must reach them), whatever ``host`` says.
+    """
+    endpoint = serving.endpoint
+    if serving.data_path == "direct":
+        host, host_key = "0.0.0.0", "the replicas' HTTP ports: data_path direct binds them on every interface"
     if endpoint.has_keys or endpoint.allow_unauthenticated or is_loopback_host(host):
         return []
     return [ConfigError(
@@ -444,6 +453,18 @@ class ServingArgs(_Strict):
     request_timeout_s: float = Field(default=600.0, gt=0)
     retry_attempts: int = Field(default=2, ge=0, description="Retries of a request that no replica could start.")
     endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    data_path: Literal["ingress", "direct"] = Field(
+        default="ingress",
+        description="ingress: proxy -> FleetIngress -> replica (retries, 503 while no replica runs, several "
+                    "models); direct: the replica serves HTTP itself behind Ray Serve's HAProxy "
+                    "(cluster/serving/direct.py), one model, plain-vLLM throughput.")
+
+    @model_validator(mode="after")
+    def _direct_is_one_model(self) -> ServingArgs:
+        if self.data_path == "direct" and len(self.models) > 1:
+            raise ValueError("data_path: direct serves one model per application (the replica is the HTTP "
+                             "endpoint); put each model in an application of its own, or use data_path: ingress")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServingArgs:
@@ -455,7 +476,7 @@ class ServingArgs(_Strict):
         return self
 
 
-_SERVING_KEYS = {"ingress_replicas", "request_timeout_s", "retry_attempts", "endpoint"}
+_SERVING_KEYS = {"ingress_replicas", "request_timeout_s", "retry_attempts", "endpoint", "data_path"}
 
 
 def load_serving_args(

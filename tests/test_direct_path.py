@@ -1,0 +1,84 @@
+"""The direct data path end to end: `fleetserve serve FILE --set data_path=direct` from a shell.
+
+Ray Serve's HAProxy in front (the local head gets the cluster settings the path
+needs), the vLLM replica serving HTTP itself, fleetserve's checks in it: a
+streamed chat with the key, 401 without it, the replica's own /health, an image
+URL to an internal address refused, and stopping leaves nothing listening.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from waiting import wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[1]
+FLEETSERVE = Path(sys.executable).parent / "fleetserve"
+BASE = "http://127.0.0.1:8000"
+MODEL = "tiny-qwen2.5-vl"
+
+
+def test_direct_path_serves_with_fleetserve_checks_in_the_replica(tiny_model, tmp_path) -> None:
+    key = "direct-path-test-key"
+    keys = tmp_path / "api-keys"
+    keys.write_text(key + "\n")
+    keys.chmod(0o600)
+    env = {**os.environ, "FLEETSERVE_TINY_MODEL": str(tiny_model), "FLEETSERVE_STATE_DIR": str(tmp_path),
+           "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([str(FLEETSERVE), "serve", str(ROOT / "deployments/tiny.yaml"), "--set", "data_path=direct",
+                             "--set", f"endpoint.api_keys_file={keys}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        wait_for(lambda: any(line.startswith("ready: ") for line in lines) or proc.poll() is not None, 600,
+                 "the ready line", state=lambda: "".join(lines[-20:]))
+        assert proc.poll() is None, "".join(lines[-40:])
+
+        chunks = []
+        with httpx.stream("POST", f"{BASE}/v1/chat/completions", headers=auth, timeout=120, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+                "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            chunks = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert chunks[-1] == "data: [DONE]" and len(chunks) >= 3, chunks
+        # vLLM's own chunks, straight from the replica (no ingress re-framing).
+        assert json.loads(chunks[0][6:])["object"] == "chat.completion.chunk"
+
+        denied = httpx.post(f"{BASE}/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4})
+        assert denied.status_code == 401 and denied.json()["type"] == "AuthenticationError"
+
+        health = httpx.get(f"{BASE}/health", timeout=5)
+        assert health.status_code == 200, health.text
+        model = health.json()["models"][MODEL]
+        assert model["state"] == "healthy" and model["data_path"] == "direct", model
+        assert model["flaggems"]["summary"]["status"] == "none"
+
+        internal = httpx.post(f"{BASE}/v1/chat/completions", headers=auth, timeout=30, json={
+            "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://127.0.0.1:8000/health"}},
+                {"type": "text", "text": "what is this?"}]}]})
+        assert internal.status_code == 400 and "public address" in internal.json()["message"], internal.text
+
+        models = httpx.get(f"{BASE}/v1/models", headers=auth, timeout=10)
+        assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [MODEL]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{BASE}/health", timeout=5)
