@@ -296,27 +296,33 @@ class TestMiniCPMoOnGpus:
 
 def test_overhead_vs_plain_vllm_recorded(gpus: int, model_dir: Path, api_key: tuple[str, Path],
                                          results_dir: Path) -> None:
-    """serve_vs_plain.py, both phases back to back on these GPUs (FlagGems off on both), then its report."""
+    """serve_vs_plain.py on these GPUs, one run after another (FlagGems off in all): fleetserve on each
+    data path (``ingress``, ``direct``) and plain vLLM; then its report."""
     key, key_file = api_key
     script = ROOT / "benchmarks" / "gpu" / "serve_vs_plain.py"
     sets = overrides(model_dir, gpus)
     env = serve_env(key_file, key)
-    for phase in ("serve", "plain"):
-        r = subprocess.run([sys.executable, str(script), "run", "--phase", phase, "--model-dir", str(model_dir),
-                            "--out", str(results_dir / f"{phase}.json"), "--deadline-s", "1500",
-                            "--loads", OVERHEAD_LOADS, *sets],
+    runs = (("serve", "serve", []), ("serve_direct", "serve", ["--set", "data_path=direct"]), ("plain", "plain", []))
+    for label, phase, extra in runs:
+        r = subprocess.run([sys.executable, str(script), "run", "--phase", phase, "--label", label,
+                            "--model-dir", str(model_dir), "--out", str(results_dir / f"{label}.json"),
+                            "--deadline-s", "1500", "--loads", OVERHEAD_LOADS, *sets, *extra],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-        result = json.loads((results_dir / f"{phase}.json").read_text())
+        result = json.loads((results_dir / f"{label}.json").read_text())
         assert result.get("ready_s") is not None, (result.get("error"), r.stdout[-3000:], r.stderr[-3000:])
         failed = [ld for ld in result["loads"] if "error" in ld or ld.get("failed")]
         assert not failed, failed
     name = f"serve_vs_plain_qwen25vl7b_tp{gpus}"
-    r = subprocess.run([sys.executable, str(script), "report", str(results_dir / "serve.json"),
-                        str(results_dir / "plain.json"), "--name", name, "--results-dir", str(results_dir)],
+    r = subprocess.run([sys.executable, str(script), "report", *(str(results_dir / f"{label}.json") for label, _, _
+                                                                  in runs),
+                        "--name", name, "--results-dir", str(results_dir)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((results_dir / f"{name}.json").read_text())
     assert out["commit"] and out["device"] and out["rows"]
-    assert all(row.get("ratio") for row in out["rows"]), out["rows"]
-    print(f"\noverhead vs plain vLLM ({out['device']}): " +
-          ", ".join(f"{row['load']} {row['ratio']:.1%}" for row in out["rows"]) + f"; JSON: {results_dir / name}.json")
+    ratios = {label: [row["variants"][label].get("ratio") for row in out["rows"]]
+              for label in ("serve", "serve_direct")}
+    assert all(all(r) for r in ratios.values()), out["rows"]
+    print(f"\noverhead vs plain vLLM ({out['device']}): " + "; ".join(
+        f"{label}: " + ", ".join(f"{row['load']} {ratio:.1%}" for row, ratio in zip(out["rows"], values))
+        for label, values in ratios.items()) + f"; JSON: {results_dir / name}.json")
