@@ -110,18 +110,62 @@ def test_limits_are_4xx_before_vllm() -> None:
     assert app.bodies == []  # none reached vLLM
 
 
-def test_body_vllm_must_judge_passes_unchanged() -> None:
-    """Bodies our request models cannot parse are vLLM's to answer (its own 400 / 404)."""
+def test_body_that_does_not_parse_is_400_here() -> None:
     mw, app = checks()
+    wrong_shape = json.dumps({"model": MODEL, "messages": "nope"}).encode()
 
     async def go():
         async with client(mw) as c:
-            await c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-            await c.post("/v1/chat/completions", content=wrong_shape, headers={"content-type": "application/json"})
+            return [await c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+                    for body in (b"{not json", wrong_shape)]
 
-    wrong_shape = json.dumps({"model": MODEL, "messages": "nope"}).encode()
-    run(go())
-    assert app.bodies == [b"{not json", wrong_shape]
+    not_json, shape = run(go())
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["message"]
+    assert shape.status_code == 400 and shape.json()["message"].startswith("messages")
+    assert app.bodies == []
+
+
+@pytest.mark.parametrize("part, says", [
+    ({"image_url": "http://10.0.0.1/x.png"}, "has no type"),
+    ({"image_url": {"url": "http://10.0.0.1/x.png"}}, "has no type"),
+    ({"video_url": {"url": "http://10.0.0.1/v.mp4"}}, "has no type"),
+    ({"type": "text", "text": "x", "uuid": "u1", "image_url": "http://10.0.0.1/x.png"}, "uuid"),
+    ({"type": "input_image", "image_url": "http://10.0.0.1/x.png"}, "input_image"),
+    ({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}, "must be an object"),
+])
+def test_media_parts_vllm_would_find_by_key_are_refused(part, says) -> None:
+    """vLLM fetches media from parts the image checks would not see (no type, a uuid, input_image): 400."""
+    mw, app = checks(max_images=1)
+
+    async def go():
+        async with client(mw) as c:
+            return await c.post("/v1/chat/completions", json=chat([part, {"type": "text", "text": "what?"}]))
+
+    r = run(go())
+    assert r.status_code == 400 and says in r.json()["message"], r.text
+    assert app.bodies == []
+
+
+def test_only_the_served_routes_reach_vllm() -> None:
+    """vLLM's app has routes beyond the ingress path's (/invocations reaches the engine): 404 here."""
+    from cluster.serving.direct import ServedRoutesOnly
+
+    app = Recorder()
+    routes = ServedRoutesOnly(app)
+
+    async def go():
+        async with client(routes) as c:
+            return {path: (await c.post(path, json=chat("x"))).status_code
+                    for path in ("/invocations", "/v1/responses", "/tokenize", "/v1/chat/completions/batch",
+                                 "/v1/chat/completions", "/v1/completions")} | {
+                "GET /v1/models": (await c.get("/v1/models")).status_code,
+                "GET /v1/models/m": (await c.get("/v1/models/m")).status_code,
+                "GET /metrics": (await c.get("/metrics")).status_code}
+
+    codes = run(go())
+    assert codes == {"/invocations": 404, "/v1/responses": 404, "/tokenize": 404, "/v1/chat/completions/batch": 404,
+                     "/v1/chat/completions": 200, "/v1/completions": 200, "GET /v1/models": 200,
+                     "GET /v1/models/m": 200, "GET /metrics": 404}
 
 
 def test_in_flight_bound_is_503_with_retry_after() -> None:

@@ -147,7 +147,7 @@ class LocalHead:
     def start(self, timeout_s: float = 120.0) -> None:
         # vLLM's INFO lines (per process: Triton probing, every engine option) bury what a user watching
         # this terminal needs; its warnings and errors stay. VLLM_LOGGING_LEVEL=INFO brings them back.
-        env = {"VLLM_LOGGING_LEVEL": "WARNING", **os.environ, **self.env}
+        env = {"VLLM_LOGGING_LEVEL": "WARNING", **self.env, **os.environ}  # what the user set wins
         self._proc = subprocess.Popen(self._cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + timeout_s

@@ -71,6 +71,35 @@ def check_images(urls: list[Any], max_images: int | None, max_bytes: int, model:
         check_image_bytes(raw, i, max_pixels)
 
 
+def content_part_problem(body: Any) -> str | None:
+    """Content parts vLLM would read differently from the checks here, refused rather than missed.
+
+    vLLM 0.26 finds media by key in a part without a ``type`` or with a ``uuid``
+    (``chat_utils._parse_chat_message_content_mm_part``) and takes Responses-style
+    ``input_image`` parts: the image checks and the media policy, which go by
+    ``type``, would not see those URLs, and vLLM would fetch them itself. A typed
+    media part whose value is not an object would be a 500 deep in vLLM.
+    """
+    for m, message in enumerate(getattr(body, "messages", None) or []):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for p, part in enumerate(content):
+            if not isinstance(part, dict):
+                continue
+            where, kind = f"messages[{m}].content[{p}]", part.get("type")
+            if not isinstance(kind, str):
+                return (f'{where} has no type: write each part as {{"type": "text", "text": ...}} or '
+                        '{"type": "image_url", "image_url": {"url": ...}}')
+            if part.get("uuid") is not None:
+                return f"{where}: content parts with a uuid are not accepted by this endpoint"
+            if kind == "input_image":
+                return f'{where}: input_image parts are not accepted here; send {{"type": "image_url", ...}}'
+            if kind in ("image_url", "video_url", "audio_url") and not isinstance(part.get(kind), dict):
+                return f'{where}.{kind} must be an object: {{"url": ...}}'
+    return None
+
+
 async def check_chat(body: Any, endpoint: EndpointSpec, limits: dict[str, Any], fetcher: ImageFetcher,
                      model: str) -> None:
     """Limits, message shape and images of a chat request; http(s) images become data: URLs (in place).
@@ -87,7 +116,7 @@ async def check_chat(body: Any, endpoint: EndpointSpec, limits: dict[str, Any], 
         raise RequestRejected(400, "a message's content parts are malformed: each part needs its type and "
                               'that field, e.g. {"type": "image_url", "image_url": {"url": "https://..."}}'
                               ) from None
-    problem = media_url_problem(body)
+    problem = content_part_problem(body) or media_url_problem(body)
     if problem:
         raise RequestRejected(400, problem)
     urls = _image_urls(body)

@@ -21,7 +21,10 @@ adds on the other path:
   the media policy (:mod:`cluster.serving.checks`): :class:`RequestChecks`;
 * the in-flight bound, per replica here: 503 + ``Retry-After`` when full;
 * ``GET /health``: this replica's state, host and FlagGems report (vLLM's own
-  ``/health`` says only 200).
+  ``/health`` says only 200);
+* only the routes the ingress path serves (chat, completions, models, health):
+  vLLM's app has more (``/invocations``, ``/v1/responses``, ``/tokenize``, ...)
+  that would reach the engine past these checks; they answer 404.
 
 What this path does not do, by construction (docs/serving.md): while no replica
 runs, HAProxy answers 503 at once, without our reason (``fleetserve status``
@@ -44,17 +47,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cluster.serving.auth import relative_path, send_json_error
 from cluster.serving.checks import check_chat
-from cluster.serving.limits import (ChatRequest, CompletionsRequest, InFlight, RequestRejected, apply_limits)
+from cluster.serving.limits import (RETRY_AFTER_S, ChatRequest, CompletionsRequest, InFlight, RequestRejected,
+                                   apply_limits)
 from cluster.serving.media import ImageFetcher, image_parts
 from cluster.serving.spec import EndpointSpec
 
 logger = logging.getLogger("ray.serve")
 
-RETRY_AFTER_S = 5
 #: /health answers within 1 s: the most it waits for the engine's own health check.
 HEALTH_CHECK_WAIT_S = 0.8
-#: How long /health reuses the FlagGems report it read (files and Ray's KV).
+#: How long /health reuses the FlagGems report it read (files and Ray's KV), and the most it waits for one.
 REPORT_TTL_S = 10.0
+REPORT_WAIT_S = 0.5
+#: Bodies larger than this are parsed off the event loop the replica streams tokens from.
+PARSE_IN_THREAD_BYTES = 256 << 10
 #: Cluster settings this path needs, set in ``ray start``'s environment on every node
 #: (the hostfile's ``env:``; ``fleetserve serve`` sets them on its own local head).
 CLUSTER_ENV = {
@@ -95,13 +101,37 @@ def install(app: Any, server: Any, direct: DirectEndpoint) -> None:
     # add_middleware); it serves no request yet, so let Starlette build it again, with ours.
     app.middleware_stack = None
     # Starlette runs the middleware added last first: 500s are scrubbed around everything,
-    # /health answers before the key check (it is open, as on the ingress path), keys are
-    # checked before the body is read, then its size, then its content.
+    # /health answers before the key check (it is open, as on the ingress path), other
+    # routes than the served ones are 404, keys are checked before the body is read, then
+    # its size, then its content.
     app.add_middleware(RequestChecks, direct=direct)
     app.add_middleware(BodyLimitMiddleware, max_bytes=direct.endpoint.limits.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, digests=direct.api_key_digests)
+    app.add_middleware(ServedRoutesOnly)
     app.add_middleware(ReplicaHealth, server=server, served_name=direct.served_name)
     app.add_middleware(HideServerErrorsMiddleware)
+
+
+class ServedRoutesOnly:
+    """404 for every route but chat, completions and models (``/health`` is answered before this)."""
+
+    ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")}
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = relative_path(scope), scope.get("method")
+        if method == "OPTIONS":  # CORS preflight of a served route
+            method = dict(scope.get("headers", [])).get(b"access-control-request-method", b"").decode("latin-1")
+        if (method, path) in self.ROUTES or (method == "GET" and path.startswith("/v1/models/")):
+            return await self.app(scope, receive, send)
+        await send_json_error(send, 404, f"{path[:100]} is not served here (chat, completions, models, health)",
+                              "NotFoundError")
 
 
 async def _read_body(receive) -> bytes | None:
@@ -121,8 +151,8 @@ class RequestChecks:
     The body is parsed once here with the same request models the ingress uses;
     what the checks change (a ``max_tokens`` cap, fetched images as ``data:``
     URLs) is written back into the client's JSON, which vLLM then parses itself.
-    A body these models cannot parse goes on unchanged: vLLM answers it with its
-    own 400 (an unknown model is its 404).
+    A body these models cannot parse is a 400 here (vLLM parses with the same
+    models; an unknown model name is still vLLM's 404).
     """
 
     ROUTES = {"/v1/chat/completions": True, "/v1/completions": False}
@@ -170,43 +200,53 @@ class RequestChecks:
 
     async def _checked(self, body: bytes, chat: bool) -> bytes:
         """``body`` itself when nothing changed, else the re-encoded JSON; raises :class:`RequestRejected`."""
-        try:
-            raw = json.loads(body)
-        except ValueError:
-            return body
-        if not isinstance(raw, dict):
-            return body
-        try:
-            request = (ChatRequest if chat else CompletionsRequest).model_validate(raw)
-        except ValidationError:
-            return body
+        if len(body) > PARSE_IN_THREAD_BYTES:
+            raw, request = await asyncio.to_thread(_parse, body, chat)
+        else:
+            raw, request = _parse(body, chat)
         direct = self.direct
+        asked_tokens = request.max_tokens
         if chat:
             limits = {"max_images": direct.max_images, "max_image_bytes": direct.max_image_bytes}
             await check_chat(request, direct.endpoint, limits, self.fetcher, direct.served_name)
         else:
             apply_limits(request, direct.endpoint.limits, chat=False)
         changed = False
-        if request.max_tokens is not None and raw.get("max_tokens") != request.max_tokens \
-                and raw.get("max_completion_tokens") is None:
+        if request.max_tokens != asked_tokens:  # the endpoint's cap (limits.max_tokens) was applied
             raw["max_tokens"] = request.max_tokens
             changed = True
         if chat:
             sent = image_parts(SimpleNamespace(messages=raw.get("messages")))
             for part, checked in zip(sent, image_parts(request)):
                 url = checked["image_url"]["url"]
-                if isinstance(part.get("image_url"), dict) and part["image_url"].get("url") != url:
+                if part["image_url"].get("url") != url:  # content_part_problem: image_url is an object
                     part["image_url"]["url"] = url
                     changed = True
         return json.dumps(raw).encode() if changed else body
 
 
+def _parse(body: bytes, chat: bool) -> tuple[dict[str, Any], Any]:
+    """The client's JSON and the request model parsed from it; a 400 for either failing."""
+    try:
+        raw = json.loads(body)
+    except ValueError as exc:
+        raise RequestRejected(400, f"the request body is not valid JSON ({exc})"[:300]) from None
+    if not isinstance(raw, dict):
+        raise RequestRejected(400, "the request body must be a JSON object")
+    try:
+        return raw, (ChatRequest if chat else CompletionsRequest).model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
+        raise RequestRejected(400, f"{where}: {first.get('msg', 'invalid request')}"[:300]) from None
+
+
 class ReplicaHealth:
     """``GET /health`` of the replica: 200 with its host and FlagGems report, 503 with the reason.
 
-    Answers within a second: the engine's check is awaited at most
-    ``HEALTH_CHECK_WAIT_S``, the report is read off the event loop and reused
-    for ``REPORT_TTL_S``.
+    Answers within a second: the engine's check (at most ``HEALTH_CHECK_WAIT_S``)
+    and the report (read off the event loop, at most ``REPORT_WAIT_S``, reused for
+    ``REPORT_TTL_S``) are awaited together.
     """
 
     def __init__(self, app, server: Any, served_name: str):
@@ -218,14 +258,8 @@ class ReplicaHealth:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or relative_path(scope) != "/health" or scope.get("method") not in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
-        state, reason, code = "healthy", "", 200
-        try:
-            await asyncio.wait_for(self.server.check_health(), timeout=HEALTH_CHECK_WAIT_S)
-        except asyncio.TimeoutError:
-            state, reason, code = "unavailable", "the engine did not answer its health check within a second", 503
-        except Exception as exc:
-            state, reason, code = "failed", f"the engine is unhealthy: {type(exc).__name__}: {exc}"[:300], 503
-        model = {"state": state, "reason": reason, "data_path": "direct", **await self._replica_report()}
+        (state, reason, code), report = await asyncio.gather(self._engine_state(), self._replica_report())
+        model = {"state": state, "reason": reason, "data_path": "direct", **report}
         content = {"status": "ok" if code == 200 else "unavailable", "models": {self.served_name: model}}
         body = json.dumps(content).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -234,11 +268,21 @@ class ReplicaHealth:
         await send({"type": "http.response.start", "status": code, "headers": headers})
         await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
 
+    async def _engine_state(self) -> tuple[str, str, int]:
+        try:
+            await asyncio.wait_for(self.server.check_health(), timeout=HEALTH_CHECK_WAIT_S)
+        except asyncio.TimeoutError:
+            return "unavailable", "the engine did not answer its health check within a second", 503
+        except Exception as exc:
+            return "failed", f"the engine is unhealthy: {type(exc).__name__}: {exc}"[:300], 503
+        return "healthy", "", 200
+
     async def _replica_report(self) -> dict[str, Any]:
         now = time.monotonic()
         if self._report is None or now - self._report[0] > REPORT_TTL_S:
             try:
-                report = await asyncio.wait_for(asyncio.to_thread(self.server.replica_report), timeout=0.5)
+                report = await asyncio.wait_for(asyncio.to_thread(self.server.replica_report),
+                                                timeout=REPORT_WAIT_S)
             except Exception:
                 logger.debug("fleetserve: replica report unavailable", exc_info=True)
                 report = {"replica_host": os.uname().nodename}

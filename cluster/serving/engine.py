@@ -39,6 +39,8 @@ class FleetLLMServer(LLMServer):
     the HTTP endpoint and puts fleetserve's middleware on vLLM's app.
     """
 
+    _direct: Any = None  # also for LLMServer.sync_init, which skips __init__
+
     async def __init__(self, llm_config: Any, *, direct: Any = None, **kwargs: Any) -> None:
         self._direct = direct
         await super().__init__(llm_config, **kwargs)

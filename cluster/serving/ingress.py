@@ -42,14 +42,14 @@ from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPExc
 from ray.serve.llm.ingress import OpenAiIngress
 
 from cluster.serving.checks import check_chat
-from cluster.serving.limits import ChatRequest, CompletionsRequest, InFlight, RequestRejected, apply_limits
+from cluster.serving.limits import (RETRY_AFTER_S, ChatRequest, CompletionsRequest, InFlight, RequestRejected,
+                                   apply_limits)
 from cluster.serving.media import ImageFetcher
 from cluster.serving.status import failure_reason
 from cluster.serving.spec import EndpointSpec
 
 logger = logging.getLogger("ray.serve")
 
-RETRY_AFTER_S = 5
 #: How often the ingress refreshes replica states from Serve's controller.
 REPLICA_POLL_S = 1.0
 #: How often (and how long at most) it asks each running replica for its host and kernel report.

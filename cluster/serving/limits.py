@@ -28,6 +28,9 @@ from cluster.serving.spec import RequestLimits
 
 logger = logging.getLogger("ray.serve")
 
+#: Seconds a 503 tells the client to wait before retrying (both data paths).
+RETRY_AFTER_S = 5
+
 #: Roles the OpenAI chat API defines (vLLM's templates index ``message["role"]``).
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -160,7 +163,7 @@ class HideServerErrorsMiddleware:
         try:
             await self.app(scope, receive, guarded_send)
         except Exception:
-            logger.exception("unhandled error in the ingress")
+            logger.exception("unhandled error while serving the request")
             if not started or hiding:
                 await send_json_error(send, 500, "internal error while serving the request", "InternalServerError")
 

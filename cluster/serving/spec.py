@@ -429,12 +429,14 @@ def check_endpoint_exposure(serving: ServingArgs, host: str | None, source: Any,
     """A deployment listening beyond loopback must have API keys, or say on purpose that it has none.
 
     ``host``: where Serve's HTTP proxy listens (``host_key`` names that setting). On the
-    direct data path the replicas' own HTTP ports are the endpoint, and Ray binds them on
-    every interface (HAProxy on any node must reach them), whatever ``host`` says.
+    direct data path the replicas' own HTTP ports are the endpoint too, and across nodes
+    HAProxy must reach them: Ray binds them on every interface by default then, so the
+    path is treated as beyond loopback whatever ``host`` says.
     """
     endpoint = serving.endpoint
     if serving.data_path == "direct":
-        host, host_key = "0.0.0.0", "the replicas' HTTP ports: data_path direct binds them on every interface"
+        host, host_key = "0.0.0.0", ("the replicas' HTTP ports: with data_path direct HAProxy on any node must "
+                                     "reach them, on every interface by default")
     if endpoint.has_keys or endpoint.allow_unauthenticated or is_loopback_host(host):
         return []
     return [ConfigError(
