@@ -196,6 +196,19 @@ def test_internal_addresses_are_denied_alike(app, url):
     assert time.monotonic() - t0 < 10
 
 
+def test_media_parts_read_by_key_are_400(app, image_server):
+    """Parts vLLM reads by key rather than by type (no type, a uuid, input_image) would have bypassed the
+    media policy: vLLM fetched such URLs itself. Refused on the ingress path as on the direct one."""
+    internal = "http://10.0.0.1/x.png"
+    for part, says in (({"image_url": internal}, "has no type"),
+                       ({"type": "text", "text": "x", "uuid": "u", "image_url": internal}, "uuid"),
+                       ({"type": "input_image", "image_url": internal}, "input_image"),
+                       ({"type": "image_url", "image_url": f"{image_server}/ok.png"}, "must be an object")):
+        r = chat([{"role": "user", "content": [part, {"type": "text", "text": "x"}]}])
+        assert says in assert_openai_error(r, 400), part
+    assert_still_serving()
+
+
 def test_file_and_other_schemes_are_400(app):
     for url in ("file:///etc/passwd", "ftp://example.com/x.png", "gopher://127.0.0.1/"):
         assert "only http(s)" in assert_openai_error(image_chat(url), 400)
