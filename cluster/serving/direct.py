@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from cluster.serving.auth import relative_path, send_json_error
 from cluster.serving.checks import check_chat
 from cluster.serving.limits import (RETRY_AFTER_S, ChatRequest, CompletionsRequest, InFlight, RequestRejected,
-                                   apply_limits)
+                                   apply_limits, replaying)
 from cluster.serving.media import ImageFetcher, image_parts
 from cluster.serving.spec import EndpointSpec
 
@@ -184,17 +184,8 @@ class RequestChecks:
             if checked is not body:
                 headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
                 scope = {**scope, "headers": headers + [(b"content-length", str(len(checked)).encode())]}
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": checked, "more_body": False}
-                return await receive()
-
             # Returns when the response's last chunk went out: a stream stays counted until then.
-            return await self.app(scope, replay, send)
+            return await self.app(scope, replaying(checked, receive), send)
         finally:
             self.in_flight.leave(model)
 
