@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from waiting import wait_for  # noqa: E402
+from waiting import REQUEST_TIMEOUT_S, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -50,7 +50,7 @@ def test_direct_path_serves_with_fleetserve_checks_in_the_replica(tiny_model, tm
         assert proc.poll() is None, "".join(lines[-40:])
 
         chunks = []
-        with httpx.stream("POST", f"{BASE}/v1/chat/completions", headers=auth, timeout=120, json={
+        with httpx.stream("POST", f"{BASE}/v1/chat/completions", headers=auth, timeout=REQUEST_TIMEOUT_S, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
                 "stream": True}) as r:
             assert r.status_code == 200, r.read()

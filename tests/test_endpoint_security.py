@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tinyqwen2 import CPU_ENGINE_ENV
-from waiting import wait_healthy
+from waiting import REQUEST_TIMEOUT_S, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def app(tiny_model, ray_local):
 
 def chat(messages, key: str | None = KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{BASE}/v1/chat/completions", headers=headers, timeout=120,
+    return httpx.post(f"{BASE}/v1/chat/completions", headers=headers, timeout=REQUEST_TIMEOUT_S,
                       json={"model": MODEL, "max_tokens": 4, "messages": messages, **kw})
 
 

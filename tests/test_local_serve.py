@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from waiting import wait_for  # noqa: E402
+from waiting import REQUEST_TIMEOUT_S, wait_for  # noqa: E402
 
 from cluster.commands.serve_launch import session_pids  # noqa: E402
 
@@ -48,7 +48,7 @@ def test_serve_reports_ready_shows_in_status_and_stops_its_head(tiny_model, tmp_
         ready = next(line for line in lines if line.startswith("ready: "))
         assert f"{BASE}/v1" in ready, ready
 
-        chat = httpx.post(f"{BASE}/v1/chat/completions", timeout=120, json={
+        chat = httpx.post(f"{BASE}/v1/chat/completions", timeout=REQUEST_TIMEOUT_S, json={
             "model": "tiny-qwen2.5-vl", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4})
         assert chat.status_code == 200, chat.text
 

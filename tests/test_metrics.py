@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from tinyqwen2 import local_ray, tiny_args, tiny_qwen2
-from waiting import wait_for, wait_healthy
+from waiting import REQUEST_TIMEOUT_S, wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def scraped(app):
     """Scrape after real traffic (plain and streamed), once Ray exported it."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{BASE}/v1", api_key="none", timeout=120, max_retries=0)
+    client = OpenAI(base_url=f"{BASE}/v1", api_key="none", timeout=REQUEST_TIMEOUT_S, max_retries=0)
     for i in range(4):
         client.chat.completions.create(model=MODEL, max_tokens=16,
                                        messages=[{"role": "user", "content": f"the a of w{i}"}])

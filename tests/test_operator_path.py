@@ -37,7 +37,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import FLEETSERVE, cli  # noqa: E402
-from waiting import wait_for  # noqa: E402
+from waiting import REQUEST_TIMEOUT_S, wait_for  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2  # noqa: E402
 
 from cluster.serving.status import fetch_serve_details  # noqa: E402
@@ -156,7 +156,7 @@ def test_1_overrides_from_the_client_shell_reach_the_replica(cluster) -> None:
     deployments = app_status()["deployments"]
     cfg = deployments["FleetLLMServer:op-tiny"]["deployment_config"]
     assert cfg["max_ongoing_requests"] == 5
-    chat = httpx.post(f"{BASE}/v1/chat/completions", timeout=120, json={
+    chat = httpx.post(f"{BASE}/v1/chat/completions", timeout=REQUEST_TIMEOUT_S, json={
         "model": "op-tiny", "messages": [{"role": "user", "content": "the word"}], "max_tokens": 4})
     assert chat.status_code == 200, chat.text
 

@@ -34,8 +34,8 @@ from tinyqwen2 import local_ray, tiny_args, tiny_qwen2
 from waiting import wait_healthy
 
 # A soak run (about 15 min on 2 cores): not in the default run, whose
-# tests/test_fleet_hosts.py covers scale-up, scale-down and losing the last
-# replica on emulated hosts, and tests/test_serving.py a killed replica.
+# tests/test_fleet_hosts.py covers scale-up, scale-down, a replica lost under
+# load while another serves, and losing the last replica, on emulated hosts.
 # Run it with: bash scripts/test.sh -m soak tests/test_scaling.py
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 

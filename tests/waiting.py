@@ -15,6 +15,12 @@ from collections.abc import Callable
 
 import httpx
 
+#: How long a test's client waits for one model request: the endpoint's own bound
+#: (``request_timeout_s``, 600 s by default), so a test never gives up on a request the
+#: server still works on. A request that must be fast is a benchmark's figure, not a
+#: client timeout; on a shared 2-core machine a first answer has taken over 120 s.
+REQUEST_TIMEOUT_S = 600.0
+
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str, poll: float = 1.0,
              state: Callable[[], object] = lambda: "") -> float:
