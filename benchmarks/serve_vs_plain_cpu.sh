@@ -20,7 +20,7 @@ M=${FLEETSERVE_TINY_MODEL:-$HOME/.cache/fleetserve/models/tiny-qwen2_5_vl}
 export OPENAI_API_KEY=$(head -1 "$OUT/api-keys")
 LOADS=${LOADS:-random_c1,random_c16,random-mm_c16}
 COMMIT=$(git rev-parse HEAD)
-common=(--file deployments/tiny.yaml --model-dir "$M" --loads "$LOADS" --deadline-s "${DEADLINE_S:-600}"
+common=(--file "$PWD/deployments/tiny.yaml" --model-dir "$M" --loads "$LOADS" --deadline-s "${DEADLINE_S:-600}"
         --set "model.source=$M" --set "endpoint.api_keys_file=$OUT/api-keys")
 run() {  # LABEL PHASE [ARGS...]
   local label=$1 phase=$2; shift 2

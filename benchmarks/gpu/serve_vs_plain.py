@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {
         "phase": args.phase, "label": args.label or args.phase, "extra_env": extra_env, "warm_cache": args.warm_cache,
         **provenance(), "host": platform.node(),
-        "server_command": " ".join(c if c != os.environ.get("OPENAI_API_KEY") else "<key>" for c in cmd), "file": str(args.file.relative_to(ROOT)), "overrides": args.set,
+        "server_command": " ".join(c if c != os.environ.get("OPENAI_API_KEY") else "<key>" for c in cmd), "file": str(args.file.resolve().relative_to(ROOT)), "overrides": args.set,
         "model": spec.served_name, "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size, "flaggems": spec.flaggems.enabled,
         "env": {k: env[k] for k in sorted(env) if k.startswith(("RAY_SERVE", "RAYLLM"))},
