@@ -38,10 +38,8 @@ def ray_local():
 
 
 #: Modules run last in their stream (scripts/test.sh runs the emulated-host modules beside the rest).
-#: The scale-out module's four engine starts under load go best once the other stream's engines are
-#: done; the direct-path module last in the main stream keeps every other module where it overlapped
-#: the emulated-host stream before it was added (first: the whole main stream 2.5 min later, 25 min in all).
-LAST = ("test_direct_path.py", "test_fleet_hosts.py")
+#: The scale-out module's four engine starts under load go best once the other stream's engines are done.
+LAST = ("test_fleet_hosts.py",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
