@@ -163,7 +163,9 @@ def stock_server(args: argparse.Namespace) -> None:
         config.pop(fleetserve_part)
     config["engine_kwargs"]["enable_log_requests"] = False
     _exit_on_sigterm()  # also while serve.run still waits for the app: Serve and Ray are shut down below
-    ray.init(include_dashboard=False)
+    # With the dashboard, as `fleetserve serve`'s head has it (its processes share the machine's
+    # cores with the engine: on a small CPU host that shows in the figures).
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": file_port(args.file)})
         serve.run(build_openai_app({"llm_configs": [LLMConfig(**config)]}), name="stock", route_prefix="/",
