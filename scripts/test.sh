@@ -6,7 +6,8 @@
 # Without a CUDA GPU / a CUDA build of vLLM they are skipped with the reason.
 #   bash scripts/test.sh               # whole CPU suite (as root: emulated hosts too, beside the rest)
 #   bash scripts/test.sh -m "not slow" # fast unit tests only
-#   bash scripts/test.sh -m soak       # the long scaling/fault soak (tests/test_scaling.py)
+#   bash scripts/test.sh -m soak       # opt-in: the scaling/fault soak (tests/test_scaling.py) and, as
+#                                      # root, the direct path on emulated hosts (tests/test_direct_path_hosts.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh

@@ -278,3 +278,17 @@ def test_direct_path_serves_one_model_per_app(tmp_path) -> None:
             {"model": {"source": str(tmp_path / "a"), "served_name": "a"}},
             {"model": {"source": str(tmp_path / "b"), "served_name": "b"}}]}, source="t.yaml")
     assert "one model per application" in str(exc.value)
+
+
+def test_a_local_head_gets_the_paths_cluster_settings_only_for_a_direct_app(tmp_path) -> None:
+    """`fleetserve serve FILE` starts its head with HAProxy on for a direct app, and as Ray's default otherwise."""
+    from pathlib import Path
+
+    from cluster.commands.serve_cmds import _head_env
+    from cluster.serving.config_file import load_serve_config
+    from cluster.serving.direct import CLUSTER_ENV
+
+    tiny = Path(__file__).resolve().parents[1] / "deployments" / "tiny.yaml"
+    sets = [f"model.source={tmp_path}", "endpoint.api_keys_env=K"]
+    assert _head_env(load_serve_config(tiny, sets)) == {}
+    assert _head_env(load_serve_config(tiny, [*sets, "data_path=direct"])) == CLUSTER_ENV

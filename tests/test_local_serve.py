@@ -11,9 +11,13 @@ more parts to get right from a shell: the local head must get the cluster
 settings that path needs (Ray Serve's HAProxy in front), the vLLM replica
 serves HTTP itself, and fleetserve's checks run in it: a streamed chat with the
 key, 401 without it, the replica's own /health, an image URL to an internal
-address refused. The default path behind the same command is served from a
-shell by the emulated-host tests (tests/test_operator_path.py) and in-process
-by the rest (tests/test_serving.py, tests/test_endpoint_security.py).
+address refused. What the default (ingress) path changes here is only the
+head's environment (none of those settings; the unit test
+``test_a_local_head_gets_the_paths_cluster_settings_only_for_a_direct_app``);
+that path is served from a separate shell onto a cluster `fleetserve up` brought
+up (tests/test_operator_path.py, as root) and in-process by the rest
+(tests/test_serving.py, tests/test_endpoint_security.py). README's first
+command as written is tried by hand before each landing.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from waiting import REQUEST_TIMEOUT_S, wait_for  # noqa: E402
 
 from cluster.commands.serve_launch import session_pids  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# Up to 600 s to the ready line and REQUEST_TIMEOUT_S for the first answer, before pytest-timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[1]
 FLEETSERVE = Path(sys.executable).parent / "fleetserve"

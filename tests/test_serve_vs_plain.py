@@ -71,3 +71,24 @@ def test_runs_that_would_merge_or_mislabel_are_refused(tmp_path: Path, case: str
         r = report(tmp_path, str(plain), str(serve), "--run-commit", "stock=" + "c" * 40)
         assert r.returncode != 0 and "no run labelled 'stock'" in r.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_plain_vllm_gets_the_files_port_engine_flags_and_engine_env(tmp_path: Path) -> None:
+    """What the ``plain`` phase starts, from deployments/tiny.yaml as resolved here (no server started)."""
+    import importlib.metadata
+    import importlib.util
+
+    loaded = importlib.util.spec_from_file_location("serve_vs_plain", SCRIPT)
+    script = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(script)
+    spec, port = script.resolved(ROOT / "deployments" / "tiny.yaml", [f"model.source={tmp_path}"], str(tmp_path))
+    assert port == 8000 and spec.served_name == "tiny-qwen2.5-vl"
+    assert script.plain_env(spec) == {"VLLM_CPU_KVCACHE_SPACE": "2", "TORCHDYNAMO_DISABLE": "1"}
+    cmd = script.plain_command(spec, port)
+    assert cmd[cmd.index("--port") + 1] == "8000" and "--enforce-eager" in cmd
+    assert cmd[cmd.index("--max-model-len") + 1] == "4096" and cmd[cmd.index("--served-model-name") + 1] == spec.served_name
+    try:
+        importlib.metadata.version("vllm")
+        assert cmd[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"]
+    except importlib.metadata.PackageNotFoundError:  # the CPU build: its API server module
+        assert cmd[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]

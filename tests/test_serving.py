@@ -3,8 +3,9 @@
 One module-scoped app with one vLLM replica behind the OpenAI endpoint; the
 tests talk to it with the real ``openai`` client and raw HTTP. Several replicas
 behind one endpoint, and losing one under load, are the emulated-host tests'
-(tests/test_fleet_hosts.py: replicas on two hosts, a host lost with no request
-failed, the replica rebuilt on the other).
+(tests/test_fleet_hosts.py, as root: replicas on two hosts, a host lost with no
+request failed, the replica rebuilt on the other); a replica actor killed on a
+live node is the opt-in soak's (tests/test_scaling.py). Without root, neither runs.
 """
 
 from __future__ import annotations

@@ -63,21 +63,15 @@ LOADS = [("random", 1, 16), ("random", 16, 128), ("random", 64, 256), ("random",
          ("random", 256, 512), ("random-mm", 16, 64)]
 
 
-def resolved_spec(config: Path, overrides: list[str], model_dir: str):
+def resolved(config: Path, overrides: list[str], model_dir: str):
+    """The file's one model spec and the port its Serve proxy listens on, both as resolved here
+    (``${VAR}``s and ``--set``s applied): every phase serves on that port, so one client command fits all."""
     from cluster.serving.config_file import load_serve_config
 
     env = {**os.environ, "QWEN25_VL_32B_PATH": model_dir}
     cfg = load_serve_config(config, overrides, environ=env)
     (serving,) = cfg["_fleetserve"].values()
-    return serving.models[0]
-
-
-def file_port(config: Path) -> int:
-    """The port the file's Serve proxy listens on (``http_options.port``, Serve's default 8000): every
-    phase serves there, so one client command line fits all."""
-    import yaml
-
-    return int((yaml.safe_load(config.read_text()).get("http_options") or {}).get("port", 8000))
+    return serving.models[0], int((cfg.get("http_options") or {}).get("port", 8000))
 
 
 def plain_command(spec, port: int) -> list[str]:
@@ -157,7 +151,7 @@ def stock_server(args: argparse.Namespace) -> None:
 
     from cluster.serving.app import llm_config_for
 
-    spec = resolved_spec(args.file, args.set, args.model_dir)
+    spec, port = resolved(args.file, args.set, args.model_dir)
     config = llm_config_for(spec)
     for fleetserve_part in ("server_cls", "callback_config"):  # ray.serve.llm's own classes only
         config.pop(fleetserve_part)
@@ -167,7 +161,7 @@ def stock_server(args: argparse.Namespace) -> None:
     # cores with the engine: on a small CPU host that shows in the figures).
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": file_port(args.file)})
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_openai_app({"llm_configs": [LLMConfig(**config)]}), name="stock", route_prefix="/",
                   blocking=False)
         while True:
@@ -179,7 +173,7 @@ def stock_server(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.deadline_s
-    spec = resolved_spec(args.file, args.set, args.model_dir)
+    spec, port = resolved(args.file, args.set, args.model_dir)
     if not args.warm_cache:
         shutil.rmtree(Path.home() / ".cache" / "vllm", ignore_errors=True)  # every run starts cold
     extra_env = dict(item.split("=", 1) for item in args.env)
@@ -192,7 +186,6 @@ def run(args: argparse.Namespace) -> None:
         extra_env = {**plain_env(spec), **extra_env}
     env = {**os.environ, "QWEN25_VL_32B_PATH": args.model_dir, **extra_env}
     sets = [x for item in args.set for x in ("--set", item)]
-    port = file_port(args.file)
     health = f"http://127.0.0.1:{port}/health"
     if args.phase == "serve":
         cmd = [sys.executable, "-m", "cluster.cli", "serve", str(args.file), "--ready-timeout", str(args.deadline_s),
