@@ -37,10 +37,7 @@ def ray_local():
         yield ray
 
 
-#: Modules run last in their stream (scripts/test.sh runs the emulated-host modules beside the rest).
-#: The scale-out module's four engine starts under load go best once the other stream's engines are done.
-LAST = ("test_fleet_hosts.py",)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name in LAST)
+    """The scale-out module last: scripts/test.sh runs the emulated-host modules beside the rest, and
+    its four engine starts under load go best once the other stream's engines are done."""
+    items.sort(key=lambda item: item.path.name == "test_fleet_hosts.py")

@@ -140,7 +140,7 @@ def chat_answers(base: str, model: str) -> bool:
 def plain_env(spec) -> dict[str, str]:
     """The environment the fleetserve replica's engine gets from the spec (``runtime_env.env_vars``):
     plain ``vllm serve`` runs with it too, so the engines compared are configured alike."""
-    return dict((spec.runtime_env or {}).get("env_vars") or {})
+    return dict(spec.runtime_env.get("env_vars") or {})
 
 
 def stock_server(args: argparse.Namespace) -> None:
