@@ -28,6 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from hosts.emulation import HostEmulator  # noqa: E402
 from hosts.fixtures import FLEETSERVE, cli  # noqa: E402
+from test_operator_path import shell_env  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2  # noqa: E402
 from waiting import REQUEST_TIMEOUT_S, wait_for  # noqa: E402
 
@@ -64,11 +65,10 @@ def test_direct_path_on_a_cluster_brought_up_apart(host_emulator: HostEmulator, 
         "proxy_location": "HeadOnly", "http_options": {"host": "0.0.0.0", "port": 8000},
         "applications": [{"name": "direct", "route_prefix": "/", "import_path": "cluster.serving.app:build_app",
                           "args": args}]}, sort_keys=False))
-    shell = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
-             "FLEETSERVE_STATE_DIR": str(state), "COLUMNS": "200"}
     try:
         served = subprocess.run([str(FLEETSERVE), "serve", str(path), "--detach", "--set", "data_path=direct",
-                                 "--ready-timeout", "900"], capture_output=True, text=True, timeout=1000, env=shell)
+                                 "--ready-timeout", "900"], capture_output=True, text=True, timeout=1000,
+                                env=shell_env(state))
         assert served.returncode == 0, served.stdout + served.stderr
         assert f"{HEAD}:8000/v1" in served.stdout, served.stdout
 
