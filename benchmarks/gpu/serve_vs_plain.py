@@ -43,6 +43,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -235,6 +236,8 @@ def run(args: argparse.Namespace) -> None:
     finally:
         result["total_s"] = round(time.monotonic() - t0, 1)
         Path(args.out).write_text(json.dumps(result, indent=1))
+        if args.phase != "plain":
+            keep_ray_logs(Path(args.out).with_suffix(".ray-logs.tar.gz"))
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # fleetserve serve tears the app down, stops its Ray head
             try:
@@ -243,6 +246,19 @@ def run(args: argparse.Namespace) -> None:
                 pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the server's process group is left
+
+
+def keep_ray_logs(archive: Path, max_file_bytes: int = 16 << 20) -> None:
+    """The Ray session's logs (Serve controller, proxy, replicas, workers: the engine's own lines) into
+    ``archive`` before the server's teardown removes them: where the ready time goes is read from their
+    timestamps. Both heads' session dirs are looked for: ``fleetserve serve``'s local head and ``ray.init``'s."""
+    tmp = Path(tempfile.gettempdir())
+    sessions = [p for p in (*tmp.glob("fleetserve-head-*/session_latest"), tmp / "ray" / "session_latest") if p.exists()]
+    with tarfile.open(archive, "w:gz") as tar:
+        for session in sessions:
+            for f in (session / "logs").rglob("*"):
+                if f.is_file() and f.stat().st_size <= max_file_bytes:
+                    tar.add(f, arcname=str(f.relative_to(tmp)))
 
 
 def report(args: argparse.Namespace) -> None:
