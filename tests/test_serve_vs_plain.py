@@ -92,3 +92,46 @@ def test_plain_vllm_gets_the_files_port_engine_flags_and_engine_env(tmp_path: Pa
         assert cmd[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"]
     except importlib.metadata.PackageNotFoundError:  # the CPU build: its API server module
         assert cmd[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def test_the_ready_time_is_broken_down_from_the_logs_a_run_kept(tmp_path: Path) -> None:
+    """Milestones from the server's output and the kept Ray logs, in time order, each with the step before it."""
+    import io
+    import tarfile
+
+    serve = run_file(tmp_path, "serve", "serve", [load("random_c1", 95.0)])
+    run = json.loads(serve.read_text())
+    run.update(time="2026-11-28T10:00:00Z", ready_s=200.0)
+    serve.write_text(json.dumps(run))
+    logs = {
+        "fleetserve-head-1/session_latest/logs/raylet.out": "[2026-11-28 10:00:20,500 I 1 1] main.cc:281: Setting cluster ID to: x",
+        "fleetserve-head-1/session_latest/logs/serve/controller_7.log":
+            "INFO 2026-11-28 10:00:30,000 controller 7 -- Deploying new app 'a'.\n"
+            "INFO 2026-11-28 10:00:50,000 controller 7 -- Deploying new version of Deployment(name='FleetLLMServer:m')",
+        "fleetserve-head-1/session_latest/logs/serve/replica_a_FleetLLMServer_m_x.log":
+            "INFO 2026-11-28 10:01:10,000 a x -- Started initializing replica.\n"
+            "INFO 2026-11-28 10:01:40,000 a x -- Clearing the current platform cache ...\n"
+            "INFO 2026-11-28 10:03:10,000 a x -- Started vLLM engine.\n"
+            "INFO 2026-11-28 10:03:19,000 a x -- Finished initializing replica.",
+        "fleetserve-head-1/session_latest/logs/worker-ab-01000000-9.err":
+            "(EngineCore pid=5) (Worker_TP0 pid=6) INFO 11-28 10:02:00 [model_runner.py:305] Model loading took 3 GiB",
+    }
+    with tarfile.open(tmp_path / "serve.ray-logs.tar.gz", "w:gz") as tar:
+        for name, text in logs.items():
+            data = text.encode()
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    plain = run_file(tmp_path, "plain", "plain", [load("random_c1", 100.0)])
+    r = report(tmp_path, str(plain), str(serve))
+    assert r.returncode == 0, r.stderr
+    phases = json.loads((tmp_path / "r.json").read_text())["ready_phases"]
+    assert phases["plain"] == []  # no start time recorded, so nothing to measure from
+    assert [(p["milestone"], p["at_s"], p["step_s"]) for p in phases["serve"]] == [
+        ("Ray head up (raylet)", 20.5, 20.5), ("Serve app deploy asked", 30.0, 9.5),
+        ("app built in the cluster", 50.0, 20.0), ("replica actor running", 70.0, 20.0),
+        ("vLLM engine creation (config resolved)", 100.0, 30.0), ("engine core joined Ray", 120.0, 20.0),
+        ("weights loaded", 120.0, 0.0),
+        ("vLLM engine started", 190.0, 70.0), ("replica ready", 199.0, 9.0),
+        ("ready (/health 200 to the client)", 200.0, 1.0)]
+    assert "| replica actor running | 70.0 | 20.0 |" in r.stdout

@@ -53,7 +53,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import command_line, provenance, utc_now  # noqa: E402
+from ready_phases import milestones as ready_milestones  # noqa: E402
+from ready_phases import table as ready_table  # noqa: E402
 from vllm_bench import bench_serve  # noqa: E402
 from waiting import wait_for  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
@@ -185,6 +188,8 @@ def run(args: argparse.Namespace) -> None:
         extra_env.setdefault("RAY_SERVE_HAPROXY_MAXCONN", "4096")
     if args.phase == "plain":
         extra_env = {**plain_env(spec), **extra_env}
+    if args.phase == "serve":  # vLLM's start-up lines in the replica's logs, as plain prints them (ready_phases.py)
+        extra_env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     env = {**os.environ, "QWEN25_VL_32B_PATH": args.model_dir, **extra_env}
     sets = [x for item in args.set for x in ("--set", item)]
     health = f"http://127.0.0.1:{port}/health"
@@ -264,12 +269,14 @@ def keep_ray_logs(archive: Path, max_file_bytes: int = 16 << 20) -> None:
 def report(args: argparse.Namespace) -> None:
     """Every run against ``plain``: one row per load; ``serve``'s figures also as the row's own keys."""
     runs: dict[str, dict[str, Any]] = {}
+    phases: dict[str, list[dict[str, Any]]] = {}
     for path in args.results:
         run = json.loads(Path(path).read_text())
         label = run.get("label", run["phase"])
         if label in runs:
             sys.exit(f"two runs labelled {label!r} ({path}): give each its own --label")
         runs[label] = run
+        phases[label] = ready_milestones(run, Path(path))
     for item in args.run_commit:  # a run that recorded a stale .git's commit instead of the code it ran
         label, commit = item.split("=", 1)
         if label not in runs:
@@ -310,6 +317,7 @@ def report(args: argparse.Namespace) -> None:
         "run_commands": {label: r.get("command") for label, r in runs.items() if "server_command" in r},
         "report_command": command_line(),
         "ready_s": {label: r.get("ready_s") for label, r in runs.items()},
+        "ready_phases": phases,
         "rows": rows, "runs": runs, "not_run": args.not_run, "note": args.note,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -325,6 +333,7 @@ def report(args: argparse.Namespace) -> None:
               f" | {f(r['plain_ttft_p50_ms'])} / " + " / ".join(f(v["ttft_p50_ms"]) for v in vs) +
               f" | {f(r['plain_tpot_p50_ms'])} / " + " / ".join(f(v["tpot_p50_ms"]) for v in vs) + " |")
     print(f"ready: {out['ready_s']}")
+    print(ready_table(phases))
     plot_bars([r["load"] for r in rows],
               {"plain vllm serve": [r["plain_tok_s"] for r in rows],
                **{label: [r["variants"][label]["tok_s"] for r in rows] for label in others}},
