@@ -217,3 +217,19 @@ def test_4_health_answers_within_a_second_in_every_state() -> None:
         print(f"/health {state}: n={len(samples)} median={statistics.median(samples) * 1000:.0f} ms "
               f"max={max(samples) * 1000:.0f} ms")
         assert statistics.median(samples) < 1.0, (state, samples)
+
+
+def test_5_an_app_that_fails_to_build_ends_fleetserve_serve_with_serves_reason(cluster) -> None:
+    """No endpoint ever answers for an app whose build fails: the command reads Serve's verdict instead.
+
+    Here the direct data path asked of a cluster brought up without HAProxy (the hostfile has no ``env.``).
+    """
+    path = templated_file(cluster["work"])
+    r = subprocess.run([str(FLEETSERVE), "serve", str(path), "--detach", "--set", "data_path=direct",
+                        "--ready-timeout", "600"], capture_output=True, text=True, timeout=900,
+                       env=shell_env(cluster["state"], OP_MODEL_DIR=str(tiny_qwen2()), OP_NAME="op-direct"))
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "deployment failed: application op" in r.stderr and "HAProxy" in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "within 600s" not in r.stderr, r.stderr
+    app = app_status()
+    assert app["status"] == "DEPLOY_FAILED" and "args.data_path" in app["message"], app

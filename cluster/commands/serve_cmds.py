@@ -123,7 +123,7 @@ def serve(
     replicas get. Prints one line when the endpoint is ready; Ctrl-C stops the
     app, and the local Ray head if this command started it.
     """
-    from cluster.commands.serve_launch import (SERVE_CLI, LocalHead, dashboard_answers, endpoint_url,
+    from cluster.commands.serve_launch import (SERVE_CLI, DeployWatch, LocalHead, dashboard_answers, endpoint_url,
                                                recorded_cluster, wait_ready, write_resolved)
     from cluster.serving.config_file import load_serve_config
 
@@ -156,10 +156,16 @@ def serve(
             address = head.address
         env = dict(os.environ, RAY_ADDRESS=address, **auth_env)
         url = endpoint_url(cfg, address)
+        if head:
+            dashboard = head.dashboard_url
+        elif address == recorded and recorded_dashboard:
+            dashboard = recorded_dashboard
+        else:
+            dashboard = _dashboard_for(address)
+        watch = DeployWatch(dashboard, [app.get("name", f"app{i}") for i, app in enumerate(cfg["applications"])], env)
         if detach:
-            dashboard = head.dashboard_url if head else _dashboard_for(address)
             subprocess.run([*SERVE_CLI, "deploy", str(resolved), "--address", dashboard], env=env, check=True)
-            wait_ready(url, ready_timeout, None)
+            wait_ready(url, ready_timeout, None, watch)
             console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health", soft_wrap=True)
             return
         # SIGINT at its default even when this command was started with it ignored (a background job):
@@ -171,10 +177,17 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _interrupt)
         try:
-            if wait_ready(url, ready_timeout, proc):
+            if wait_ready(url, ready_timeout, proc, watch):
                 console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health -- Ctrl-C stops it",
                               soft_wrap=True)
             proc.wait()
+        except FleetserveError:
+            # serve run would wait on a failed app forever. Killed, not interrupted: the app stays,
+            # DEPLOY_FAILED with its reason, for `fleetserve status` and `serve status` (a local head
+            # this command started goes with it below).
+            proc.kill()
+            proc.wait()
+            raise
         except KeyboardInterrupt:
             if head is not None:
                 # The app lives and dies with the head this command started: ending the head's

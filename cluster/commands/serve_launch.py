@@ -88,11 +88,64 @@ def endpoint_url(cfg: dict[str, Any], address: str) -> str:
     return f"http://{host}:{int(http.get('port') or 8000)}"
 
 
-def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None) -> bool:
+class DeployWatch:
+    """Serve's own verdict on the apps this command deploys: the reason when one failed.
+
+    ``/health`` cannot give it in every case: an app whose build failed has no
+    endpoint at all, and on the direct data path HAProxy answers 503 without a
+    reason while no replica runs. Serve's application details (the dashboard's
+    REST route, as ``serve status`` reads them) have the status and message in
+    every case. An app counts only once its deploy time differs from what it was
+    before this command deployed: a failure left by an earlier deploy of the same
+    name is not this one's.
+    """
+
+    def __init__(self, dashboard_url: str, apps: list[str], environ: dict[str, str]):
+        self.dashboard_url, self.apps, self.environ = dashboard_url, apps, environ
+        self._before = {name: app.get("last_deployed_time_s") for name, app in self._applications().items()}
+
+    def _applications(self) -> dict[str, Any]:
+        from cluster.serving.status import fetch_serve_details
+
+        try:
+            details = fetch_serve_details(self.dashboard_url, timeout=5, environ=self.environ)
+        except (httpx.HTTPError, ValueError, OSError):
+            return {}  # not up yet, or a moment's failure: /health and the next poll go on
+        return {name: app for name, app in (details.get("applications") or {}).items() if name in self.apps}
+
+    def failure(self) -> str | None:
+        """``app: reason`` of every app of this deploy that Serve marked DEPLOY_FAILED, or None."""
+        reasons = []
+        for name, app in self._applications().items():
+            if app.get("last_deployed_time_s") == self._before.get(name) or app.get("status") != "DEPLOY_FAILED":
+                continue
+            messages = [app.get("message") or ""] + [d.get("message") or "" for d in (app.get("deployments") or {}).values()
+                                                     if d.get("status") == "DEPLOY_FAILED"]
+            reasons.append(f"application {name}: " + " | ".join(_without_tracebacks(m) for m in messages if m.strip()))
+        return "; ".join(reasons) or None
+
+
+def _without_tracebacks(message: str) -> str:
+    """Serve's message without Python's traceback frames: the error lines (file, key, fix) stay."""
+    kept, in_frames = [], False
+    for line in message.strip().splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            in_frames = True
+        elif in_frames and (line.startswith(" ") or not line.strip()):
+            continue
+        else:
+            in_frames = False
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
+               watch: DeployWatch | None = None) -> bool:
     """Wait until ``url``/health answers 200; False when ``proc`` (serve run) ended first.
 
-    A deployment that failed (``/health`` says ``failed``) ends the wait with
-    its reason instead of waiting out the timeout.
+    A deployment that failed (``/health`` says ``failed``, or Serve marked the
+    app DEPLOY_FAILED: ``watch``) ends the wait with its reason instead of
+    waiting out the timeout.
     """
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
@@ -110,6 +163,8 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None) -> boo
             last = f"{r.status_code} {body.get('status', '')}"
         except (httpx.HTTPError, ValueError) as exc:
             last = type(exc).__name__
+        if watch is not None and (verdict := watch.failure()):
+            raise FleetserveError("deployment failed: " + verdict)
         time.sleep(READY_POLL_S)
     raise FleetserveError(f"{url}/health did not answer 200 within {timeout_s:g}s (last: {last})")
 

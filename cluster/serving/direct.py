@@ -4,9 +4,9 @@ Why: on the ``ingress`` path (proxy -> :class:`~cluster.serving.ingress.FleetIng
 -> replica) every streamed chunk crosses two Ray actor hops in Python; on one
 H100 that path levelled off near 4.4k output tokens/s, 59% of plain vLLM at
 c=128 (docs/serving.md). Ray 2.58 can make the LLM replica the ingress itself:
-its HAProxy forwards each HTTP request straight to the replica's port (asking an
-``LLMRouter`` deployment which replica), and the replica serves vLLM's own
-FastAPI app. With ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` that measured 97.4% of plain
+its HAProxy forwards each HTTP request straight to a replica's port (the one with
+the fewest open connections, see :func:`compose_direct_app`), and the replica
+serves vLLM's own FastAPI app. With ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` that measured 97.4% of plain
 vLLM at c=128 on one H100
 (benchmarks/results/serve_vs_plain_qwen25vl7b_direct_tput_h100.json).
 
@@ -282,14 +282,22 @@ class ReplicaHealth:
 
 
 def compose_direct_app(serving: Any, api_key_digests: tuple[bytes, ...]):
-    """The Serve app of the direct path: our replica class as the ingress, ray.serve.llm's ``LLMRouter`` beside it.
+    """The Serve app of the direct path: our replica class as the ingress, HAProxy picking the replica.
 
-    Uses ray.serve.llm's direct-streaming builders (private in Ray 2.58.0, checked
-    against it): they wire the router HAProxy asks and the replica's late-bound
-    ASGI app (``FleetLLMServer.__serve_build_asgi_app__``).
+    Uses ray.serve.llm's direct-streaming builder (private in Ray 2.58.0, checked
+    against it), which wires the replica's late-bound ASGI app
+    (``FleetLLMServer.__serve_build_asgi_app__``). Its ``build_openai_app`` also puts an
+    ``LLMRouter`` deployment beside it, which HAProxy asks over HTTP, from Lua, for every
+    POST (after buffering the body) which replica to use. With the request router our
+    specs give (none set: ray.serve.llm's ``RoundRobinRouter``) that Python call per
+    request picks in turn, blind to load; without it HAProxy balances the replicas'
+    own ports itself, by least connections (Ray's default ``leastconn``), which for
+    streams of unequal length is the load-aware pick, with no hop. The router earns its
+    hop only for policies that read the body (KV- or prefix-aware routing), which the
+    spec does not offer.
     """
-    from ray.llm._internal.serve.core.ingress.builder import (_build_direct_streaming_llm_deployment,
-                                                                _build_openai_ingress_request_router)
+    from ray.llm._internal.serve.core.ingress.builder import _build_direct_streaming_llm_deployment
+    from ray.serve.config import RequestRouterConfig
     from ray.serve.llm import LLMConfig
 
     from cluster.errors import ConfigError
@@ -309,7 +317,8 @@ def compose_direct_app(serving: Any, api_key_digests: tuple[bytes, ...]):
     llm_config = LLMConfig(**config)
     direct = DirectEndpoint(served_name=spec.served_name, endpoint=serving.endpoint, api_key_digests=api_key_digests,
                             max_images=spec.limit_mm_per_prompt.get("image"), max_image_bytes=spec.max_image_bytes)
-    deployment = _build_direct_streaming_llm_deployment(llm_config, deployment_cls=FleetLLMServer,
-                                                        bind_kwargs={"direct": direct})
-    return deployment._with_ingress_request_router(
-        _build_openai_ingress_request_router(server=deployment, llm_config=llm_config))
+    # Serve's default router config: the builder's RoundRobinRouter would be refused on an ingress
+    # deployment that HAProxy balances (Ray 2.58 build_app), and HAProxy does the picking here anyway.
+    return _build_direct_streaming_llm_deployment(llm_config, deployment_cls=FleetLLMServer,
+                                                  bind_kwargs={"direct": direct},
+                                                  override_serve_options={"request_router_config": RequestRouterConfig()})

@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,24 +66,29 @@ class DeploymentSummary:
         return self.states.get("RUNNING", 0)
 
 
-def ray_auth_headers() -> dict[str, str]:
+def ray_auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's Ray token (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) as an HTTP header.
 
-    Read from the environment on every call: Ray 2.58's own loader keeps the first
-    token a process saw, which is the wrong one after talking to another cluster.
+    Read from ``environ`` (default: this process's environment) on every call: Ray 2.58's
+    own loader keeps the first token a process saw, which is the wrong one after talking
+    to another cluster.
     """
-    if os.environ.get("RAY_AUTH_MODE") != "token":
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_MODE") != "token":
         return {}
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    token = env.get("RAY_AUTH_TOKEN")
+    if not token and env.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def fetch_serve_details(dashboard_url: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
-    """Serve's instance details: from the dashboard if ``dashboard_url``, else from the controller."""
+def fetch_serve_details(dashboard_url: str | None = None, timeout: float = 10.0,
+                        environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Serve's instance details: from the dashboard if ``dashboard_url`` (with the Ray token ``environ``
+    names), else from the controller."""
     if dashboard_url:
-        r = httpx.get(dashboard_url.rstrip("/") + DASHBOARD_SERVE_ROUTE, timeout=timeout, headers=ray_auth_headers())
+        r = httpx.get(dashboard_url.rstrip("/") + DASHBOARD_SERVE_ROUTE, timeout=timeout,
+                      headers=ray_auth_headers(environ))
         r.raise_for_status()
         return r.json()
     import ray

@@ -1,0 +1,104 @@
+"""``fleetserve serve``'s wait for its endpoint, against a stand-in dashboard and endpoint (no Ray; fast).
+
+The wait ends with Serve's reason as soon as Serve marks an app of this deploy
+DEPLOY_FAILED, also where ``/health`` cannot say it (a build that failed leaves
+no endpoint; on the direct path HAProxy answers 503 without a reason), and never
+takes a failure an earlier deploy of the same name left for this one's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from cluster.commands.serve_launch import DeployWatch, wait_ready
+from cluster.errors import FleetserveError
+
+BUILD_FAILURE = """Deploying app 'op' failed with exception:
+Traceback (most recent call last):
+  File "/ray/serve/_private/build_app.py", line 1, in build
+    raise ConfigError(...)
+cluster.errors.ConfigError: Serve application args: args.data_path: the Ray cluster runs Serve's Python proxy
+  fix: start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1 ..."""
+
+
+class StandIn:
+    """A dashboard's Serve route and an endpoint's /health on one local port; tests change ``apps``/``health``."""
+
+    def __init__(self) -> None:
+        self.apps: dict = {}
+        self.health = 503
+        self.token_seen: list[str | None] = []
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/api/serve/applications/":
+                    stand_in.token_seen.append(self.headers.get("Authorization"))
+                    code, body = 200, {"applications": stand_in.apps}
+                else:
+                    code, body = stand_in.health, {"status": "starting"}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def stand_in():
+    s = StandIn()
+    yield s
+    s.server.shutdown()
+
+
+def test_a_failure_this_deploy_caused_ends_the_wait_with_serves_reason(stand_in, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("cluster.commands.serve_launch.READY_POLL_S", 0.05)
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    # An earlier deploy of the same name failed; this command has not deployed yet.
+    stand_in.apps = {"op": {"status": "DEPLOY_FAILED", "message": "an old reason", "last_deployed_time_s": 1.0},
+                     "other": {"status": "DEPLOY_FAILED", "message": "not ours", "last_deployed_time_s": 5.0}}
+    watch = DeployWatch(stand_in.url, ["op"], {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    assert watch.failure() is None, "the earlier deploy's failure is not this one's"
+    assert set(stand_in.token_seen) == {"Bearer secret-token"}
+
+    stand_in.apps["op"] = {"status": "DEPLOY_FAILED", "message": BUILD_FAILURE, "last_deployed_time_s": 2.0,
+                           "deployments": {"FleetLLMServer:m": {"status": "DEPLOY_FAILED",
+                                                                "message": "model.source '/x' is not a directory"},
+                                           "Healthy": {"status": "HEALTHY", "message": ""}}}
+    with pytest.raises(FleetserveError) as err:
+        wait_ready(stand_in.url, 60, None, watch)
+    reason = str(err.value)
+    assert reason.startswith("deployment failed: application op: Deploying app 'op' failed with exception:")
+    assert "args.data_path" in reason and "fix: start the cluster" in reason and "model.source '/x'" in reason
+    assert "Traceback" not in reason and "build_app.py" not in reason and "not ours" not in reason
+
+
+def test_a_deploy_still_in_progress_is_waited_for_until_the_endpoint_answers(stand_in, monkeypatch) -> None:
+    monkeypatch.setattr("cluster.commands.serve_launch.READY_POLL_S", 0.05)
+    watch = DeployWatch(stand_in.url, ["op"], {})
+    stand_in.apps = {"op": {"status": "DEPLOYING", "message": "", "last_deployed_time_s": 3.0}}
+    polls = []
+    original = watch.failure
+
+    def failure_then_ready():
+        polls.append(1)
+        if len(polls) == 3:
+            stand_in.health = 200
+        return original()
+
+    watch.failure = failure_then_ready
+    assert wait_ready(stand_in.url, 60, None, watch) is True
+    assert len(polls) == 3
