@@ -17,10 +17,17 @@ import pytest
 from cluster.commands.serve_launch import DeployWatch, wait_ready
 from cluster.errors import FleetserveError
 
+#: The shape of Serve's message for a build that raised (Ray 2.58): the task's error around the builder's.
 BUILD_FAILURE = """Deploying app 'op' failed with exception:
-Traceback (most recent call last):
-  File "/ray/serve/_private/build_app.py", line 1, in build
-    raise ConfigError(...)
+ray.exceptions.RayTaskError(RuntimeError): ray::build_serve_application() (pid=2135, ip=10.203.0.11)
+  File "/ray/serve/_private/application_state.py", line 1739, in build_serve_application
+    raise RuntimeError(err_str) from None
+RuntimeError: Traceback (most recent call last):
+  File "/ray/serve/_private/application_state.py", line 1632, in build_serve_application
+    app = call_user_app_builder_with_args_if_necessary(
+          ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/work/cluster/serving/direct.py", line 309, in compose_direct_app
+    raise ConfigError(
 cluster.errors.ConfigError: Serve application args: args.data_path: the Ray cluster runs Serve's Python proxy
   fix: start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1 ..."""
 
@@ -73,6 +80,8 @@ def test_a_failure_this_deploy_caused_ends_the_wait_with_serves_reason(stand_in,
     watch = DeployWatch(stand_in.url, ["op"], {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     assert watch.failure() is None, "the earlier deploy's failure is not this one's"
     assert set(stand_in.token_seen) == {"Bearer secret-token"}
+    # Serve would not attempt the failed app's unchanged config again: it gets a fresh attempt, others nothing.
+    assert list(watch.retry_env("op")) == ["FLEETSERVE_DEPLOY_ATTEMPT"] and watch.retry_env("other") == {}
 
     stand_in.apps["op"] = {"status": "DEPLOY_FAILED", "message": BUILD_FAILURE, "last_deployed_time_s": 2.0,
                            "deployments": {"FleetLLMServer:m": {"status": "DEPLOY_FAILED",
@@ -83,7 +92,8 @@ def test_a_failure_this_deploy_caused_ends_the_wait_with_serves_reason(stand_in,
     reason = str(err.value)
     assert reason.startswith("deployment failed: application op: Deploying app 'op' failed with exception:")
     assert "args.data_path" in reason and "fix: start the cluster" in reason and "model.source '/x'" in reason
-    assert "Traceback" not in reason and "build_app.py" not in reason and "not ours" not in reason
+    assert "Traceback" not in reason and "application_state.py" not in reason and "RayTaskError" not in reason
+    assert "not ours" not in reason
 
 
 def test_a_deploy_still_in_progress_is_waited_for_until_the_endpoint_answers(stand_in, monkeypatch) -> None:
@@ -102,3 +112,16 @@ def test_a_deploy_still_in_progress_is_waited_for_until_the_endpoint_answers(sta
     watch.failure = failure_then_ready
     assert wait_ready(stand_in.url, 60, None, watch) is True
     assert len(polls) == 3
+
+
+def test_without_serves_details_before_the_deploy_the_watch_stays_out(stand_in) -> None:
+    """Unread before, a failure seen after could be an earlier deploy's: only /health decides then."""
+    closed = StandIn()
+    closed.server.shutdown()
+    closed.server.server_close()
+    watch = DeployWatch(closed.url, ["op"], {})
+    assert watch.failure() is None and watch.retry_env("op") == {}
+    stand_in.apps = {"op": {"status": "DEPLOY_FAILED", "message": "x", "last_deployed_time_s": 9.0}}
+    watch.dashboard_url = stand_in.url  # readable now, but nothing to compare with
+    assert watch.failure() is None
+    assert DeployWatch(None, ["op"], {}).failure() is None  # an address with no dashboard to ask (auto, ray://)

@@ -103,7 +103,8 @@ def test_the_ready_time_is_broken_down_from_the_logs_a_run_kept(tmp_path: Path) 
     run = json.loads(serve.read_text())
     run.update(time="2026-11-28T10:00:00Z", ready_s=200.0)
     serve.write_text(json.dumps(run))
-    logs = {
+    logs = {  # and a session an earlier run left behind, whose lines are not this run's
+        "fleetserve-head-0/session_latest/logs/raylet.out": "[2026-11-28 09:40:00,000 I 1 1] main.cc:281: Setting cluster ID to: y",
         "fleetserve-head-1/session_latest/logs/raylet.out": "[2026-11-28 10:00:20,500 I 1 1] main.cc:281: Setting cluster ID to: x",
         "fleetserve-head-1/session_latest/logs/serve/controller_7.log":
             "INFO 2026-11-28 10:00:30,000 controller 7 -- Deploying new app 'a'.\n"

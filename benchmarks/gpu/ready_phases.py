@@ -57,9 +57,9 @@ def _stamp(line: str, year: int) -> dt.datetime | None:
     return None
 
 
-def _first(lines: Iterable[str], text: str, year: int) -> dt.datetime | None:
+def _first(lines: Iterable[str], text: str, year: int, earliest: dt.datetime) -> dt.datetime | None:
     for line in lines:
-        if text in line and (when := _stamp(line, year)):
+        if text in line and (when := _stamp(line, year)) and when >= earliest:
             return when
     return None
 
@@ -76,10 +76,14 @@ def ray_log_lines(archive: Path) -> dict[str, list[str]]:
 
 def milestones(run: dict[str, Any], run_path: Path) -> list[dict[str, Any]]:
     """The run's milestones in time order: ``{"milestone", "at_s", "step_s"}``, ending at ``ready``.
-    Start and ready come from the JSON to the second, the log lines to the millisecond (vLLM's to the second)."""
-    if "time" not in run:
+    Ray's and Serve's lines are stamped to the millisecond, vLLM's to the second."""
+    if "start_local" in run:  # the logs' clock and zone, to the millisecond
+        start = dt.datetime.fromisoformat(run["start_local"])
+    elif "time" in run:  # older runs: UTC to the second (the GPU machines' logs are in UTC)
+        start = dt.datetime.strptime(run["time"], "%Y-%m-%dT%H:%M:%SZ")
+    else:
         return []
-    start = dt.datetime.strptime(run["time"], "%Y-%m-%dT%H:%M:%SZ")
+    earliest = start - dt.timedelta(seconds=1)  # lines of an earlier session left in /tmp are not this run's
     found: dict[str, dt.datetime] = {}
     log = run_path.with_suffix(".log")
     server_lines = log.read_text(errors="replace").splitlines() if log.exists() else []
@@ -87,13 +91,13 @@ def milestones(run: dict[str, Any], run_path: Path) -> list[dict[str, Any]]:
     ray_files = ray_log_lines(archive) if archive.exists() else {}
     for name, pattern, text in RAY_MILESTONES:
         times = [t for member, lines in sorted(ray_files.items()) if re.search(pattern, member)
-                 if (t := _first(lines, text, start.year))]
+                 if (t := _first(lines, text, start.year, earliest))]
         if times:
             found[name] = min(times)
     vllm_sources = [server_lines] + [lines for member, lines in ray_files.items()
                                      if re.search(r"/worker-.*\.(out|err)$", member)]
     for name, text in VLLM_MILESTONES:
-        times = [t for lines in vllm_sources if (t := _first(lines, text, start.year))]
+        times = [t for lines in vllm_sources if (t := _first(lines, text, start.year, earliest))]
         if times:
             found[name] = min(times)
     if run.get("ready_s") is not None:

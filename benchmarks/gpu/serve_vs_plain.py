@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import io
 import json
 import os
 import platform
@@ -213,6 +215,8 @@ def run(args: argparse.Namespace) -> None:
     log = open(Path(args.out).with_suffix(".log"), "w")
     _exit_on_sigterm()
     t0 = time.monotonic()
+    # The logs' own clock and zone (local time, to the millisecond): ready_phases.py measures from it.
+    result["start_local"] = datetime.datetime.now().isoformat(timespec="milliseconds")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         import httpx
@@ -242,7 +246,8 @@ def run(args: argparse.Namespace) -> None:
         result["total_s"] = round(time.monotonic() - t0, 1)
         Path(args.out).write_text(json.dumps(result, indent=1))
         if args.phase != "plain":
-            keep_ray_logs(Path(args.out).with_suffix(".ray-logs.tar.gz"))
+            with contextlib.suppress(OSError, tarfile.TarError):  # never in the way of the teardown below
+                keep_ray_logs(Path(args.out).with_suffix(".ray-logs.tar.gz"), since=time.time() - (time.monotonic() - t0))
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # fleetserve serve tears the app down, stops its Ray head
             try:
@@ -253,17 +258,25 @@ def run(args: argparse.Namespace) -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the server's process group is left
 
 
-def keep_ray_logs(archive: Path, max_file_bytes: int = 16 << 20) -> None:
+def keep_ray_logs(archive: Path, since: float = 0.0, max_file_bytes: int = 16 << 20) -> None:
     """The Ray session's logs (Serve controller, proxy, replicas, workers: the engine's own lines) into
     ``archive`` before the server's teardown removes them: where the ready time goes is read from their
-    timestamps. Both heads' session dirs are looked for: ``fleetserve serve``'s local head and ``ray.init``'s."""
+    timestamps. Only sessions started at ``since`` (epoch s) or later, of both heads a phase may start:
+    ``fleetserve serve``'s local head and ``ray.init``'s; of a larger file its first ``max_file_bytes``
+    (start-up comes first)."""
     tmp = Path(tempfile.gettempdir())
-    sessions = [p for p in (*tmp.glob("fleetserve-head-*/session_latest"), tmp / "ray" / "session_latest") if p.exists()]
+    sessions = [p for p in (*tmp.glob("fleetserve-head-*/session_latest"), tmp / "ray" / "session_latest")
+                if p.exists() and p.resolve().stat().st_mtime >= since - 1]
     with tarfile.open(archive, "w:gz") as tar:
         for session in sessions:
             for f in (session / "logs").rglob("*"):
-                if f.is_file() and f.stat().st_size <= max_file_bytes:
-                    tar.add(f, arcname=str(f.relative_to(tmp)))
+                if not f.is_file():
+                    continue
+                with f.open("rb") as fh:
+                    data = fh.read(max_file_bytes)
+                member = tarfile.TarInfo(str(f.relative_to(tmp)))
+                member.size, member.mtime = len(data), int(f.stat().st_mtime)
+                tar.addfile(member, io.BytesIO(data))
 
 
 def report(args: argparse.Namespace) -> None:

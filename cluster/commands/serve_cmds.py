@@ -11,6 +11,7 @@ anything starts, and dry-runs the build to show each replica's placement.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -123,8 +124,8 @@ def serve(
     replicas get. Prints one line when the endpoint is ready; Ctrl-C stops the
     app, and the local Ray head if this command started it.
     """
-    from cluster.commands.serve_launch import (SERVE_CLI, DeployWatch, LocalHead, dashboard_answers, endpoint_url,
-                                               recorded_cluster, wait_ready, write_resolved)
+    from cluster.commands.serve_launch import (SERVE_CLI, DeployFailed, DeployWatch, LocalHead, dashboard_answers,
+                                               endpoint_url, recorded_cluster, wait_ready, write_resolved)
     from cluster.serving.config_file import load_serve_config
 
     recorded, auth_env, recorded_dashboard = recorded_cluster()
@@ -145,7 +146,6 @@ def serve(
         _check_models_here(cfg, config, require_local=not address)
     except FleetserveError as exc:
         fail(exc)
-    resolved = write_resolved(cfg, config)
     head = None
     try:
         if not address:
@@ -162,7 +162,16 @@ def serve(
             dashboard = recorded_dashboard
         else:
             dashboard = _dashboard_for(address)
-        watch = DeployWatch(dashboard, [app.get("name", f"app{i}") for i, app in enumerate(cfg["applications"])], env)
+        # Serve names an app without a name "default".
+        watch = DeployWatch(dashboard if _is_host_port(address) else None,
+                            [app.get("name") or "default" for app in cfg["applications"]], env)
+        for app in cfg["applications"]:
+            if retry := watch.retry_env(app.get("name") or "default"):
+                app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(retry)
+                err_console.print(f"[yellow]note:[/] application {escape(app.get('name') or 'default')} had failed "
+                                  "to deploy; Serve does not retry a failed app's unchanged config, so it is "
+                                  "deployed afresh")
+        resolved = write_resolved(cfg, config)
         if detach:
             subprocess.run([*SERVE_CLI, "deploy", str(resolved), "--address", dashboard], env=env, check=True)
             wait_ready(url, ready_timeout, None, watch)
@@ -181,12 +190,21 @@ def serve(
                 console.print(f"[green]ready[/]: {url}/v1 (OpenAI API), health {url}/health -- Ctrl-C stops it",
                               soft_wrap=True)
             proc.wait()
-        except FleetserveError:
+        except DeployFailed:
             # serve run would wait on a failed app forever. Killed, not interrupted: the app stays,
             # DEPLOY_FAILED with its reason, for `fleetserve status` and `serve status` (a local head
             # this command started goes with it below).
             proc.kill()
             proc.wait()
+            raise
+        except FleetserveError:
+            # Not ready in time: serve run tears the app down (as on Ctrl-C), so nothing is left
+            # deploying, holding GPUs, after this command has given up on it.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             raise
         except KeyboardInterrupt:
             if head is not None:
@@ -215,6 +233,11 @@ def serve(
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _is_host_port(address: str) -> bool:
+    """Whether ``address`` is a GCS ``host:port`` (not ``auto``, not a ``ray://`` client address)."""
+    return re.fullmatch(r"[\w.\-]+:\d+", address or "") is not None
 
 
 def _dashboard_for(address: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -88,6 +89,10 @@ def endpoint_url(cfg: dict[str, Any], address: str) -> str:
     return f"http://{host}:{int(http.get('port') or 8000)}"
 
 
+class DeployFailed(FleetserveError):
+    """Serve (or the endpoint's ``/health``) says the deployment failed; the message is its reason."""
+
+
 class DeployWatch:
     """Serve's own verdict on the apps this command deploys: the reason when one failed.
 
@@ -96,27 +101,42 @@ class DeployWatch:
     reason while no replica runs. Serve's application details (the dashboard's
     REST route, as ``serve status`` reads them) have the status and message in
     every case. An app counts only once its deploy time differs from what it was
-    before this command deployed: a failure left by an earlier deploy of the same
-    name is not this one's.
+    before this command deployed. Serve does not retry an app it marked
+    DEPLOY_FAILED when the same config comes again (Ray 2.58: same code version,
+    nothing to update), so :meth:`retry_env` names the apps that need a fresh
+    attempt. Where Serve's details cannot be read before the deploy, the watch
+    stays out (``/health`` alone decides, as before).
     """
 
-    def __init__(self, dashboard_url: str, apps: list[str], environ: dict[str, str]):
+    def __init__(self, dashboard_url: str | None, apps: list[str], environ: dict[str, str]):
         self.dashboard_url, self.apps, self.environ = dashboard_url, apps, environ
-        self._before = {name: app.get("last_deployed_time_s") for name, app in self._applications().items()}
+        before = self._applications() if dashboard_url else None
+        self._before = None if before is None else {name: app.get("last_deployed_time_s") for name, app in before.items()}
+        self.failed_before = sorted(n for n, app in (before or {}).items() if app.get("status") == "DEPLOY_FAILED")
 
-    def _applications(self) -> dict[str, Any]:
+    def _applications(self) -> dict[str, Any] | None:
         from cluster.serving.status import fetch_serve_details
 
         try:
-            details = fetch_serve_details(self.dashboard_url, timeout=5, environ=self.environ)
+            details = fetch_serve_details(self.dashboard_url, timeout=2, environ=self.environ)
         except (httpx.HTTPError, ValueError, OSError):
-            return {}  # not up yet, or a moment's failure: /health and the next poll go on
+            return None  # not up, or a moment's failure: /health and the next poll go on
         return {name: app for name, app in (details.get("applications") or {}).items() if name in self.apps}
+
+    def retry_env(self, name: str) -> dict[str, str]:
+        """Env for app ``name``'s ``runtime_env`` that makes Serve attempt it afresh if it had failed, else {}.
+
+        A changed ``runtime_env`` is a new code version to Serve: the app is built and its
+        replicas started again. Only a failed app gets it; a running one is left as it runs.
+        """
+        return {"FLEETSERVE_DEPLOY_ATTEMPT": f"{time.time():.0f}"} if name in self.failed_before else {}
 
     def failure(self) -> str | None:
         """``app: reason`` of every app of this deploy that Serve marked DEPLOY_FAILED, or None."""
+        if self._before is None:
+            return None
         reasons = []
-        for name, app in self._applications().items():
+        for name, app in (self._applications() or {}).items():
             if app.get("last_deployed_time_s") == self._before.get(name) or app.get("status") != "DEPLOY_FAILED":
                 continue
             messages = [app.get("message") or ""] + [d.get("message") or "" for d in (app.get("deployments") or {}).values()
@@ -125,18 +145,24 @@ class DeployWatch:
         return "; ".join(reasons) or None
 
 
+#: A line that starts an exception's text: ``cluster.errors.ConfigError: ...``, ``RuntimeError: ...``.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^:]*:")
+
+
 def _without_tracebacks(message: str) -> str:
-    """Serve's message without Python's traceback frames: the error lines (file, key, fix) stay."""
-    kept, in_frames = [], False
-    for line in message.strip().splitlines():
-        if line.startswith("Traceback (most recent call last)"):
-            in_frames = True
-        elif in_frames and (line.startswith(" ") or not line.strip()):
-            continue
-        else:
-            in_frames = False
-            kept.append(line)
-    return "\n".join(kept)
+    """Serve's message without Python's traceback: its first line and the last exception's text (file, key, fix).
+
+    Serve nests tracebacks (a build task's ``RayTaskError(RuntimeError)`` holding the
+    builder's own, which starts mid-line): what the user acts on is the innermost, last
+    exception and the lines after it.
+    """
+    lines = message.strip().splitlines()
+    if "Traceback (most recent call last)" not in message:
+        return "\n".join(lines)
+    last = max((i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)), default=None)
+    if last is None:
+        return lines[0]
+    return "\n".join(([lines[0]] if last > 0 and not _EXCEPTION_LINE.match(lines[0]) else []) + lines[last:])
 
 
 def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
@@ -159,12 +185,12 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             failed = {m: s.get("reason") for m, s in (body.get("models") or {}).items() if s.get("state") == "failed"}
             if failed:
-                raise FleetserveError("deployment failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
+                raise DeployFailed("deployment failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
             last = f"{r.status_code} {body.get('status', '')}"
         except (httpx.HTTPError, ValueError) as exc:
             last = type(exc).__name__
         if watch is not None and (verdict := watch.failure()):
-            raise FleetserveError("deployment failed: " + verdict)
+            raise DeployFailed("deployment failed: " + verdict)
         time.sleep(READY_POLL_S)
     raise FleetserveError(f"{url}/health did not answer 200 within {timeout_s:g}s (last: {last})")
 

@@ -77,8 +77,9 @@ def ray_auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]
     if env.get("RAY_AUTH_MODE") != "token":
         return {}
     token = env.get("RAY_AUTH_TOKEN")
-    if not token and env.get("RAY_AUTH_TOKEN_PATH"):
-        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else Path.home() / ".ray" / "auth_token"
+    if not token and path.is_file():  # Ray's own default place when neither is set
+        token = path.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
