@@ -2,7 +2,7 @@
 
 h1 is the head (Serve's controller and HAProxy), h2 has room for the replica
 only; the hostfile's ``env.`` gives every node's ``ray start`` the settings the
-path needs (cluster/serving/direct.py ``CLUSTER_ENV``). The client is this
+path needs (cluster/serving/haproxy.py ``CLUSTER_ENV``). The client is this
 machine, outside the cluster on the bridge: it serves the file with
 ``--set data_path=direct``, then a streamed chat goes through h1's HAProxy to
 the replica on h2, which answers HTTP itself with fleetserve's checks (401
@@ -32,7 +32,7 @@ from test_operator_path import shell_env  # noqa: E402
 from tinyqwen2 import tiny_args, tiny_qwen2  # noqa: E402
 from waiting import REQUEST_TIMEOUT_S, wait_for  # noqa: E402
 
-from cluster.serving.direct import CLUSTER_ENV  # noqa: E402
+from cluster.serving.haproxy import CLUSTER_ENV  # noqa: E402
 from cluster.serving.status import fetch_serve_details  # noqa: E402
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow, pytest.mark.soak, pytest.mark.timeout(1500)]

@@ -286,7 +286,7 @@ def test_a_local_head_gets_the_paths_cluster_settings_only_for_a_direct_app(tmp_
 
     from cluster.commands.serve_cmds import _head_env
     from cluster.serving.config_file import load_serve_config
-    from cluster.serving.direct import CLUSTER_ENV
+    from cluster.serving.haproxy import CLUSTER_ENV
 
     tiny = Path(__file__).resolve().parents[1] / "deployments" / "tiny.yaml"
     sets = [f"model.source={tmp_path}", "endpoint.api_keys_env=K"]

@@ -261,7 +261,7 @@ def _check_hostfile_fits(cfg: dict, path: Path, hostfile: Path) -> None:
 
 def _head_env(cfg: dict) -> dict[str, str]:
     """Cluster settings a local head needs for the file's apps: the direct data path's HAProxy ingress."""
-    from cluster.serving.direct import CLUSTER_ENV
+    from cluster.serving.haproxy import CLUSTER_ENV
 
     direct = any(serving.data_path == "direct" for serving in cfg.get("_fleetserve", {}).values())
     return dict(CLUSTER_ENV) if direct else {}

@@ -151,6 +151,9 @@ def _serve_http_host() -> str | None:
 
 def compose_app(serving: ServingArgs, api_key_digests: tuple[bytes, ...] = ()):
     if serving.data_path == "direct":
+        from cluster.serving.haproxy import check_cluster_serves_direct
+
+        check_cluster_serves_direct()  # before the direct path's imports: a cluster without HAProxy fails at once
         from cluster.serving.direct import compose_direct_app
 
         return compose_direct_app(serving, api_key_digests)

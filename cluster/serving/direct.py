@@ -61,16 +61,6 @@ REPORT_TTL_S = 10.0
 REPORT_WAIT_S = 0.5
 #: Bodies larger than this are parsed off the event loop the replica streams tokens from.
 PARSE_IN_THREAD_BYTES = 256 << 10
-#: Cluster settings this path needs, set in ``ray start``'s environment on every node
-#: (the hostfile's ``env:``; ``fleetserve serve`` sets them on its own local head).
-CLUSTER_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # HAProxy's default (20000) asks for more open files than many hosts allow (it then fails to start).
-    "RAY_SERVE_HAPROXY_MAXCONN": "4096",
-}
-
-
 class DirectEndpoint(BaseModel):
     """What the replica needs to act as the endpoint (bound into the deployment, pickled by Serve)."""
 
@@ -81,15 +71,6 @@ class DirectEndpoint(BaseModel):
     api_key_digests: tuple[bytes, ...] = ()
     max_images: int | None = None
     max_image_bytes: int = 20 << 20
-
-
-def cluster_problem() -> str | None:
-    """Why this Ray cluster cannot serve the direct path, or None (read where the app is built)."""
-    from ray.serve._private import constants
-
-    if not constants.RAY_SERVE_ENABLE_HA_PROXY:
-        return "the Ray cluster runs Serve's Python proxy; the direct data path needs its HAProxy ingress"
-    return None
 
 
 def install(app: Any, server: Any, direct: DirectEndpoint) -> None:
@@ -300,17 +281,9 @@ def compose_direct_app(serving: Any, api_key_digests: tuple[bytes, ...]):
     from ray.serve.config import RequestRouterConfig
     from ray.serve.llm import LLMConfig
 
-    from cluster.errors import ConfigError
     from cluster.serving.app import llm_config_for
     from cluster.serving.engine import FleetLLMServer
 
-    problem = cluster_problem()
-    if problem:
-        raise ConfigError(
-            "Serve application args", "args.data_path", problem,
-            "start the cluster with " + " ".join(f"{k}={v}" for k, v in CLUSTER_ENV.items()) + " in ray start's "
-            "environment on every node (hostfile env:, then fleetserve up; fleetserve serve sets them on its own "
-            "local head), or use data_path: ingress")
     (spec,) = serving.models
     config = llm_config_for(spec)
     config["engine_kwargs"]["enable_log_requests"] = serving.endpoint.log_prompts
