@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
     }
     log = open(Path(args.out).with_suffix(".log"), "w")
     _exit_on_sigterm()
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     # The logs' own clock and zone (local time, to the millisecond): ready_phases.py measures from it.
     result["start_local"] = datetime.datetime.now().isoformat(timespec="milliseconds")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(result, indent=1))
         if args.phase != "plain":
             with contextlib.suppress(OSError, tarfile.TarError):  # never in the way of the teardown below
-                keep_ray_logs(Path(args.out).with_suffix(".ray-logs.tar.gz"), since=time.time() - (time.monotonic() - t0))
+                keep_ray_logs(Path(args.out).with_suffix(".ray-logs.tar.gz"), since=started)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # fleetserve serve tears the app down, stops its Ray head
             try:

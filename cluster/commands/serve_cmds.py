@@ -162,15 +162,13 @@ def serve(
             dashboard = recorded_dashboard
         else:
             dashboard = _dashboard_for(address)
-        # Serve names an app without a name "default".
-        watch = DeployWatch(dashboard if _is_host_port(address) else None,
-                            [app.get("name") or "default" for app in cfg["applications"]], env)
-        for app in cfg["applications"]:
-            if retry := watch.retry_env(app.get("name") or "default"):
+        names = [app.get("name") or "default" for app in cfg["applications"]]  # Serve's name for an unnamed app
+        watch = DeployWatch(dashboard if _is_host_port(address) else None, names, env)
+        for name, app in zip(names, cfg["applications"]):
+            if retry := watch.retry_env(name):
                 app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(retry)
-                err_console.print(f"[yellow]note:[/] application {escape(app.get('name') or 'default')} had failed "
-                                  "to deploy; Serve does not retry a failed app's unchanged config, so it is "
-                                  "deployed afresh")
+                err_console.print(f"[yellow]note:[/] application {escape(name)} had failed to deploy; Serve does not "
+                                  "retry a failed app's unchanged config, so it is deployed afresh")
         resolved = write_resolved(cfg, config)
         if detach:
             subprocess.run([*SERVE_CLI, "deploy", str(resolved), "--address", dashboard], env=env, check=True)
