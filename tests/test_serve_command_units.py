@@ -3,7 +3,9 @@
 The wait ends with Serve's reason as soon as Serve marks an app of this deploy
 DEPLOY_FAILED, also where ``/health`` cannot say it (a build that failed leaves
 no endpoint; on the direct path HAProxy answers 503 without a reason), and never
-takes a failure an earlier deploy of the same name left for this one's.
+takes a failure an earlier deploy of the same name left for this one's. A
+redeploy is ready once Serve runs its version, not when the replaced version
+answers ``/health``.
 """
 
 from __future__ import annotations
@@ -96,22 +98,38 @@ def test_a_failure_this_deploy_caused_ends_the_wait_with_serves_reason(stand_in,
     assert "not ours" not in reason
 
 
-def test_a_deploy_still_in_progress_is_waited_for_until_the_endpoint_answers(stand_in, monkeypatch) -> None:
+def test_a_redeploy_is_ready_once_serve_runs_the_new_version_not_when_the_old_one_answers(stand_in,
+                                                                                         monkeypatch) -> None:
     monkeypatch.setattr("cluster.commands.serve_launch.READY_POLL_S", 0.05)
+    # A version of the app runs and answers /health before this command deploys.
+    stand_in.apps = {"op": {"status": "RUNNING", "message": "", "last_deployed_time_s": 1.0}}
+    stand_in.health = 200
     watch = DeployWatch(stand_in.url, ["op"], {})
-    stand_in.apps = {"op": {"status": "DEPLOYING", "message": "", "last_deployed_time_s": 3.0}}
-    polls = []
-    original = watch.failure
+    # Serve stamps the deploy, builds the new version and rolls replicas; the old ones answer meanwhile.
+    timeline = [{"status": "RUNNING", "last_deployed_time_s": 1.0},  # the deploy has not reached Serve
+                {"status": "DEPLOYING", "last_deployed_time_s": 2.0},
+                {"status": "DEPLOYING", "last_deployed_time_s": 2.0},
+                {"status": "RUNNING", "last_deployed_time_s": 2.0}]
+    seen = []
+    original = watch.pending
 
-    def failure_then_ready():
-        polls.append(1)
-        if len(polls) == 3:
-            stand_in.health = 200
-        return original()
+    def next_state_then_pending():
+        stand_in.apps = {"op": {"message": "", **timeline[len(seen)]}}
+        seen.append(original())
+        return seen[-1]
 
-    watch.failure = failure_then_ready
+    watch.pending = next_state_then_pending
     assert wait_ready(stand_in.url, 60, None, watch) is True
-    assert len(polls) == 3
+    assert seen == ["op: not deployed yet", "op: DEPLOYING", "op: DEPLOYING", None]
+
+
+def test_a_redeploy_that_never_comes_up_times_out_saying_so(stand_in) -> None:
+    stand_in.apps = {"op": {"status": "RUNNING", "message": "", "last_deployed_time_s": 1.0}}
+    stand_in.health = 200
+    watch = DeployWatch(stand_in.url, ["op"], {})
+    stand_in.apps["op"] = {"status": "DEPLOYING", "message": "", "last_deployed_time_s": 2.0}
+    with pytest.raises(FleetserveError, match="200 from the version this deploy replaces; Serve: op: DEPLOYING"):
+        wait_ready(stand_in.url, 0.3, None, watch)
 
 
 def test_without_serves_details_before_the_deploy_the_watch_stays_out(stand_in) -> None:

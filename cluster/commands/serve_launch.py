@@ -101,7 +101,10 @@ class DeployWatch:
     reason while no replica runs. Serve's application details (the dashboard's
     REST route, as ``serve status`` reads them) have the status and message in
     every case. An app counts only once its deploy time differs from what it was
-    before this command deployed. Serve does not retry an app it marked
+    before this command deployed (Serve stamps every deploy, changed or not). A
+    redeploy over a running app rolls: the old replicas answer ``/health`` until
+    the new ones run, so this deploy is up only once Serve says RUNNING after the
+    new stamp (:meth:`pending`). Serve does not retry an app it marked
     DEPLOY_FAILED when the same config comes again (Ray 2.58: same code version,
     nothing to update), so :meth:`retry_env` names the apps that need a fresh
     attempt. Where Serve's details cannot be read before the deploy, the watch
@@ -130,6 +133,22 @@ class DeployWatch:
         replicas started again. Only a failed app gets it; a running one is left as it runs.
         """
         return {"FLEETSERVE_DEPLOY_ATTEMPT": f"{time.time():.0f}"} if name in self.failed_before else {}
+
+    def pending(self) -> str | None:
+        """What of this deploy Serve has not brought up yet (``op: DEPLOYING``), or None once all run."""
+        if self._before is None:
+            return None
+        apps = self._applications()
+        if apps is None:
+            return "Serve's application details unread"
+        waiting = []
+        for name in self.apps:
+            app = apps.get(name) or {}
+            if app.get("last_deployed_time_s") == self._before.get(name):
+                waiting.append(f"{name}: not deployed yet")
+            elif app.get("status") != "RUNNING":
+                waiting.append(f"{name}: {app.get('status')}")
+        return ", ".join(waiting) or None
 
     def failure(self) -> str | None:
         """``app: reason`` of every app of this deploy that Serve marked DEPLOY_FAILED, or None."""
@@ -167,7 +186,10 @@ def _without_tracebacks(message: str) -> str:
 
 def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
                watch: DeployWatch | None = None) -> bool:
-    """Wait until ``url``/health answers 200; False when ``proc`` (serve run) ended first.
+    """Wait until ``url``/health answers 200 for this deploy; False when ``proc`` (serve run) ended first.
+
+    With a ``watch``, a 200 counts once Serve runs this deploy's version: during
+    a redeploy the previous version answers until it is replaced.
 
     A deployment that failed (``/health`` says ``failed``, or Serve marked the
     app DEPLOY_FAILED: ``watch``) ends the wait with its reason instead of
@@ -181,12 +203,16 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
         try:
             r = httpx.get(f"{url}/health", timeout=5)
             if r.status_code == 200:
-                return True
-            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-            failed = {m: s.get("reason") for m, s in (body.get("models") or {}).items() if s.get("state") == "failed"}
-            if failed:
-                raise DeployFailed("deployment failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
-            last = f"{r.status_code} {body.get('status', '')}"
+                if watch is None or not (pending := watch.pending()):
+                    return True
+                last = f"200 from the version this deploy replaces; Serve: {pending}"
+            else:
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+                failed = {m: s.get("reason") for m, s in (body.get("models") or {}).items()
+                          if s.get("state") == "failed"}
+                if failed:
+                    raise DeployFailed("deployment failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
+                last = f"{r.status_code} {body.get('status', '')}"
         except (httpx.HTTPError, ValueError) as exc:
             last = type(exc).__name__
         if watch is not None and (verdict := watch.failure()):
