@@ -40,6 +40,7 @@ class StandIn:
     def __init__(self) -> None:
         self.apps: dict = {}
         self.health = 503
+        self.health_body: dict = {"status": "starting"}
         self.token_seen: list[str | None] = []
         stand_in = self
 
@@ -49,7 +50,7 @@ class StandIn:
                     stand_in.token_seen.append(self.headers.get("Authorization"))
                     code, body = 200, {"applications": stand_in.apps}
                 else:
-                    code, body = stand_in.health, {"status": "starting"}
+                    code, body = stand_in.health, stand_in.health_body
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("content-type", "application/json")
@@ -128,8 +129,34 @@ def test_a_redeploy_that_never_comes_up_times_out_saying_so(stand_in) -> None:
     stand_in.health = 200
     watch = DeployWatch(stand_in.url, ["op"], {})
     stand_in.apps["op"] = {"status": "DEPLOYING", "message": "", "last_deployed_time_s": 2.0}
-    with pytest.raises(FleetserveError, match="200 from the version this deploy replaces; Serve: op: DEPLOYING"):
+    with pytest.raises(FleetserveError, match="200, but Serve has not run this deploy yet: op: DEPLOYING"):
         wait_ready(stand_in.url, 0.3, None, watch)
+
+
+def test_the_replaced_versions_failed_health_is_not_this_deploys_failure(stand_in, monkeypatch) -> None:
+    """An app that had failed keeps answering /health with its old reason until its new version replaces it."""
+    monkeypatch.setattr("cluster.commands.serve_launch.READY_POLL_S", 0.05)
+    stand_in.apps = {"op": {"status": "DEPLOY_FAILED", "message": "old", "last_deployed_time_s": 1.0}}
+    stand_in.health_body = {"status": "failed", "models": {"op-missing": {"state": "failed", "reason": "old reason"}}}
+    # Without Serve's details, /health is all there is to go by.
+    with pytest.raises(FleetserveError, match="op-missing: old reason"):
+        wait_ready(stand_in.url, 60, None, None)
+
+    watch = DeployWatch(stand_in.url, ["op"], {})
+    stand_in.apps["op"] = {"status": "DEPLOYING", "message": "", "last_deployed_time_s": 2.0}
+    polls = []
+    original = watch.failure
+
+    def failure_then_new_version_up():
+        polls.append(1)
+        if len(polls) == 3:
+            stand_in.apps["op"]["status"] = "RUNNING"
+            stand_in.health, stand_in.health_body = 200, {"status": "healthy"}
+        return original()
+
+    watch.failure = failure_then_new_version_up
+    assert wait_ready(stand_in.url, 60, None, watch) is True
+    assert len(polls) == 3
 
 
 def test_without_serves_details_before_the_deploy_the_watch_stays_out(stand_in) -> None:

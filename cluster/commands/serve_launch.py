@@ -134,9 +134,14 @@ class DeployWatch:
         """
         return {"FLEETSERVE_DEPLOY_ATTEMPT": f"{time.time():.0f}"} if name in self.failed_before else {}
 
+    @property
+    def active(self) -> bool:
+        """Whether Serve's details were read before the deploy, so that this deploy's can be told apart."""
+        return self._before is not None
+
     def pending(self) -> str | None:
         """What of this deploy Serve has not brought up yet (``op: DEPLOYING``), or None once all run."""
-        if self._before is None:
+        if not self.active:
             return None
         apps = self._applications()
         if apps is None:
@@ -152,7 +157,7 @@ class DeployWatch:
 
     def failure(self) -> str | None:
         """``app: reason`` of every app of this deploy that Serve marked DEPLOY_FAILED, or None."""
-        if self._before is None:
+        if not self.active:
             return None
         reasons = []
         for name, app in (self._applications() or {}).items():
@@ -188,12 +193,12 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
                watch: DeployWatch | None = None) -> bool:
     """Wait until ``url``/health answers 200 for this deploy; False when ``proc`` (serve run) ended first.
 
-    With a ``watch``, a 200 counts once Serve runs this deploy's version: during
-    a redeploy the previous version answers until it is replaced.
-
-    A deployment that failed (``/health`` says ``failed``, or Serve marked the
-    app DEPLOY_FAILED: ``watch``) ends the wait with its reason instead of
-    waiting out the timeout.
+    A deployment that failed ends the wait with its reason instead of waiting out
+    the timeout. With an active ``watch`` Serve's details decide both ways: during
+    a redeploy the version being replaced keeps answering ``/health`` (200, or
+    ``failed`` with its own old reason), so a 200 counts once Serve runs this
+    deploy's version, and a failure is Serve's DEPLOY_FAILED after this deploy's
+    stamp. Without one, ``/health`` alone decides.
     """
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
@@ -205,12 +210,12 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
             if r.status_code == 200:
                 if watch is None or not (pending := watch.pending()):
                     return True
-                last = f"200 from the version this deploy replaces; Serve: {pending}"
+                last = f"200, but Serve has not run this deploy yet: {pending}"
             else:
                 body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
                 failed = {m: s.get("reason") for m, s in (body.get("models") or {}).items()
                           if s.get("state") == "failed"}
-                if failed:
+                if failed and (watch is None or not watch.active):
                     raise DeployFailed("deployment failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
                 last = f"{r.status_code} {body.get('status', '')}"
         except (httpx.HTTPError, ValueError) as exc:
