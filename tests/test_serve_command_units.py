@@ -159,6 +159,37 @@ def test_the_replaced_versions_failed_health_is_not_this_deploys_failure(stand_i
     assert len(polls) == 3
 
 
+def test_a_new_app_has_no_older_version_so_health_speaks_for_it(stand_in, monkeypatch) -> None:
+    monkeypatch.setattr("cluster.commands.serve_launch.READY_POLL_S", 0.05)
+    stand_in.apps = {"other": {"status": "RUNNING", "message": "", "last_deployed_time_s": 1.0}}
+    watch = DeployWatch(stand_in.url, ["op"], {})
+    # Serve still DEPLOYING (say, a second replica waits for resources): the first 200 is this deploy's.
+    stand_in.apps["op"] = {"status": "DEPLOYING", "message": "", "last_deployed_time_s": 2.0}
+    stand_in.health = 200
+    assert wait_ready(stand_in.url, 60, None, watch) is True
+    # A replica's own verdict (the direct path's engine check) ends the wait before Serve's retries do.
+    stand_in.health, stand_in.health_body = 503, {"models": {"op": {"state": "failed", "reason": "engine dead"}}}
+    with pytest.raises(FleetserveError, match="op: engine dead"):
+        wait_ready(stand_in.url, 60, None, watch)
+
+
+def test_serves_details_lost_mid_deploy_leave_the_decision_to_health(stand_in, monkeypatch) -> None:
+    monkeypatch.setattr("cluster.commands.serve_launch.READY_POLL_S", 0.05)
+    stand_in.apps = {"op": {"status": "RUNNING", "message": "", "last_deployed_time_s": 1.0}}
+    watch = DeployWatch(stand_in.url, ["op"], {})
+    stand_in.health = 200
+    stand_in.server.shutdown()
+    stand_in.server.server_close()
+    endpoint = StandIn()
+    endpoint.health = 200
+    try:
+        # /health from a live endpoint, Serve's details from a dashboard that went away.
+        assert wait_ready(endpoint.url, 60, None, watch) is True
+        assert not watch.active
+    finally:
+        endpoint.server.shutdown()
+
+
 def test_without_serves_details_before_the_deploy_the_watch_stays_out(stand_in) -> None:
     """Unread before, a failure seen after could be an earlier deploy's: only /health decides then."""
     closed = StandIn()

@@ -101,21 +101,30 @@ class DeployWatch:
     reason while no replica runs. Serve's application details (the dashboard's
     REST route, as ``serve status`` reads them) have the status and message in
     every case. An app counts only once its deploy time differs from what it was
-    before this command deployed (Serve stamps every deploy, changed or not). A
-    redeploy over a running app rolls: the old replicas answer ``/health`` until
-    the new ones run, so this deploy is up only once Serve says RUNNING after the
-    new stamp (:meth:`pending`). Serve does not retry an app it marked
-    DEPLOY_FAILED when the same config comes again (Ray 2.58: same code version,
-    nothing to update), so :meth:`retry_env` names the apps that need a fresh
-    attempt. Where Serve's details cannot be read before the deploy, the watch
-    stays out (``/health`` alone decides, as before).
+    before this command deployed (Serve stamps every deploy, changed or not).
+
+    An app that existed before is *replaced*: Serve rolls it, and the version
+    being replaced answers ``/health`` (200, or ``failed`` with its old reason)
+    until the new one runs. So while :meth:`pending` names a replaced app whose
+    new version Serve has not brought up (RUNNING or UNHEALTHY after the new
+    stamp), ``/health`` does not speak for this deploy. A new app has nothing
+    older to answer for it. Serve does not retry an app it marked DEPLOY_FAILED
+    when the same config comes again (Ray 2.58: same code version, nothing to
+    update), so :meth:`retry_env` names the apps that need a fresh attempt. Where
+    Serve's details cannot be read before the deploy, or stop being readable for
+    :data:`UNREAD_POLLS` polls in a row, the watch stays out (``/health`` alone
+    decides, as before).
     """
+
+    #: Polls in a row with Serve's details unreadable before the watch gives the decision to /health.
+    UNREAD_POLLS = 5
 
     def __init__(self, dashboard_url: str | None, apps: list[str], environ: dict[str, str]):
         self.dashboard_url, self.apps, self.environ = dashboard_url, apps, environ
         before = self._applications() if dashboard_url else None
         self._before = None if before is None else {name: app.get("last_deployed_time_s") for name, app in before.items()}
         self.failed_before = sorted(n for n, app in (before or {}).items() if app.get("status") == "DEPLOY_FAILED")
+        self._unread = 0
 
     def _applications(self) -> dict[str, Any] | None:
         from cluster.serving.status import fetch_serve_details
@@ -125,6 +134,14 @@ class DeployWatch:
         except (httpx.HTTPError, ValueError, OSError):
             return None  # not up, or a moment's failure: /health and the next poll go on
         return {name: app for name, app in (details.get("applications") or {}).items() if name in self.apps}
+
+    def _poll(self) -> dict[str, Any] | None:
+        """This deploy's apps as Serve has them now; None while unreadable (then, after a while, for good)."""
+        apps = self._applications()
+        self._unread = 0 if apps is not None else self._unread + 1
+        if self._unread >= self.UNREAD_POLLS:
+            self._before = None
+        return apps
 
     def retry_env(self, name: str) -> dict[str, str]:
         """Env for app ``name``'s ``runtime_env`` that makes Serve attempt it afresh if it had failed, else {}.
@@ -140,18 +157,18 @@ class DeployWatch:
         return self._before is not None
 
     def pending(self) -> str | None:
-        """What of this deploy Serve has not brought up yet (``op: DEPLOYING``), or None once all run."""
-        if not self.active:
+        """The replaced apps whose new version Serve has not brought up (``op: DEPLOYING``), or None."""
+        if not self.active or not self._before:
             return None
-        apps = self._applications()
+        apps = self._poll()
         if apps is None:
-            return "Serve's application details unread"
+            return "Serve's application details unread" if self.active else None
         waiting = []
-        for name in self.apps:
+        for name, stamp in self._before.items():
             app = apps.get(name) or {}
-            if app.get("last_deployed_time_s") == self._before.get(name):
+            if app.get("last_deployed_time_s") == stamp:
                 waiting.append(f"{name}: not deployed yet")
-            elif app.get("status") != "RUNNING":
+            elif app.get("status") not in ("RUNNING", "UNHEALTHY"):
                 waiting.append(f"{name}: {app.get('status')}")
         return ", ".join(waiting) or None
 
@@ -160,8 +177,8 @@ class DeployWatch:
         if not self.active:
             return None
         reasons = []
-        for name, app in (self._applications() or {}).items():
-            if app.get("last_deployed_time_s") == self._before.get(name) or app.get("status") != "DEPLOY_FAILED":
+        for name, app in (self._poll() or {}).items():
+            if app.get("last_deployed_time_s") == (self._before or {}).get(name) or app.get("status") != "DEPLOY_FAILED":
                 continue
             messages = [app.get("message") or ""] + [d.get("message") or "" for d in (app.get("deployments") or {}).values()
                                                      if d.get("status") == "DEPLOY_FAILED"]
@@ -194,11 +211,10 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
     """Wait until ``url``/health answers 200 for this deploy; False when ``proc`` (serve run) ended first.
 
     A deployment that failed ends the wait with its reason instead of waiting out
-    the timeout. With an active ``watch`` Serve's details decide both ways: during
-    a redeploy the version being replaced keeps answering ``/health`` (200, or
-    ``failed`` with its own old reason), so a 200 counts once Serve runs this
-    deploy's version, and a failure is Serve's DEPLOY_FAILED after this deploy's
-    stamp. Without one, ``/health`` alone decides.
+    the timeout: Serve's DEPLOY_FAILED after this deploy's stamp (``watch``), or
+    ``/health`` saying ``failed``. While ``watch`` has a replaced app pending, the
+    version being replaced may be what answers ``/health``: neither its 200 nor
+    its ``failed`` counts for this deploy then.
     """
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
@@ -207,17 +223,18 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
             return False
         try:
             r = httpx.get(f"{url}/health", timeout=5)
+            pending = watch.pending() if watch is not None else None
             if r.status_code == 200:
-                if watch is None or not (pending := watch.pending()):
+                if not pending:
                     return True
                 last = f"200, but Serve has not run this deploy yet: {pending}"
             else:
                 body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
                 failed = {m: s.get("reason") for m, s in (body.get("models") or {}).items()
                           if s.get("state") == "failed"}
-                if failed and (watch is None or not watch.active):
+                if failed and not pending:
                     raise DeployFailed("deployment failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
-                last = f"{r.status_code} {body.get('status', '')}"
+                last = f"{r.status_code} {body.get('status', '')}" + (f"; Serve: {pending}" if pending else "")
         except (httpx.HTTPError, ValueError) as exc:
             last = type(exc).__name__
         if watch is not None and (verdict := watch.failure()):
