@@ -81,7 +81,7 @@ def test_a_failure_this_deploy_caused_ends_the_wait_with_serves_reason(stand_in,
     stand_in.apps = {"op": {"status": "DEPLOY_FAILED", "message": "an old reason", "last_deployed_time_s": 1.0},
                      "other": {"status": "DEPLOY_FAILED", "message": "not ours", "last_deployed_time_s": 5.0}}
     watch = DeployWatch(stand_in.url, ["op"], {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
-    assert watch.failure() is None, "the earlier deploy's failure is not this one's"
+    assert watch.check()[1] is None, "the earlier deploy's failure is not this one's"
     assert set(stand_in.token_seen) == {"Bearer secret-token"}
     # Serve would not attempt the failed app's unchanged config again: it gets a fresh attempt, others nothing.
     assert list(watch.retry_env("op")) == ["FLEETSERVE_DEPLOY_ATTEMPT"] and watch.retry_env("other") == {}
@@ -112,14 +112,15 @@ def test_a_redeploy_is_ready_once_serve_runs_the_new_version_not_when_the_old_on
                 {"status": "DEPLOYING", "last_deployed_time_s": 2.0},
                 {"status": "RUNNING", "last_deployed_time_s": 2.0}]
     seen = []
-    original = watch.pending
+    original = watch.check
 
-    def next_state_then_pending():
+    def next_state_then_check():
         stand_in.apps = {"op": {"message": "", **timeline[len(seen)]}}
-        seen.append(original())
-        return seen[-1]
+        pending, failure = original()
+        seen.append(pending)
+        return pending, failure
 
-    watch.pending = next_state_then_pending
+    watch.check = next_state_then_check
     assert wait_ready(stand_in.url, 60, None, watch) is True
     assert seen == ["op: not deployed yet", "op: DEPLOYING", "op: DEPLOYING", None]
 
@@ -145,16 +146,16 @@ def test_the_replaced_versions_failed_health_is_not_this_deploys_failure(stand_i
     watch = DeployWatch(stand_in.url, ["op"], {})
     stand_in.apps["op"] = {"status": "DEPLOYING", "message": "", "last_deployed_time_s": 2.0}
     polls = []
-    original = watch.failure
+    original = watch.check
 
-    def failure_then_new_version_up():
+    def check_then_new_version_up():
         polls.append(1)
         if len(polls) == 3:
             stand_in.apps["op"]["status"] = "RUNNING"
             stand_in.health, stand_in.health_body = 200, {"status": "healthy"}
         return original()
 
-    watch.failure = failure_then_new_version_up
+    watch.check = check_then_new_version_up
     assert wait_ready(stand_in.url, 60, None, watch) is True
     assert len(polls) == 3
 
@@ -196,8 +197,8 @@ def test_without_serves_details_before_the_deploy_the_watch_stays_out(stand_in) 
     closed.server.shutdown()
     closed.server.server_close()
     watch = DeployWatch(closed.url, ["op"], {})
-    assert watch.failure() is None and watch.retry_env("op") == {}
+    assert watch.check() == (None, None) and watch.retry_env("op") == {}
     stand_in.apps = {"op": {"status": "DEPLOY_FAILED", "message": "x", "last_deployed_time_s": 9.0}}
     watch.dashboard_url = stand_in.url  # readable now, but nothing to compare with
-    assert watch.failure() is None
-    assert DeployWatch(None, ["op"], {}).failure() is None  # an address with no dashboard to ask (auto, ray://)
+    assert watch.check() == (None, None)
+    assert DeployWatch(None, ["op"], {}).check()[1] is None  # an address with no dashboard to ask (auto, ray://)

@@ -105,7 +105,7 @@ class DeployWatch:
 
     An app that existed before is *replaced*: Serve rolls it, and the version
     being replaced answers ``/health`` (200, or ``failed`` with its old reason)
-    until the new one runs. So while :meth:`pending` names a replaced app whose
+    until the new one runs. So while :meth:`check` names a replaced app whose
     new version Serve has not brought up (RUNNING or UNHEALTHY after the new
     stamp), ``/health`` does not speak for this deploy. A new app has nothing
     older to answer for it. Serve does not retry an app it marked DEPLOY_FAILED
@@ -135,14 +135,6 @@ class DeployWatch:
             return None  # not up, or a moment's failure: /health and the next poll go on
         return {name: app for name, app in (details.get("applications") or {}).items() if name in self.apps}
 
-    def _poll(self) -> dict[str, Any] | None:
-        """This deploy's apps as Serve has them now; None while unreadable (then, after a while, for good)."""
-        apps = self._applications()
-        self._unread = 0 if apps is not None else self._unread + 1
-        if self._unread >= self.UNREAD_POLLS:
-            self._before = None
-        return apps
-
     def retry_env(self, name: str) -> dict[str, str]:
         """Env for app ``name``'s ``runtime_env`` that makes Serve attempt it afresh if it had failed, else {}.
 
@@ -156,13 +148,21 @@ class DeployWatch:
         """Whether Serve's details were read before the deploy, so that this deploy's can be told apart."""
         return self._before is not None
 
-    def pending(self) -> str | None:
-        """The replaced apps whose new version Serve has not brought up (``op: DEPLOYING``), or None."""
-        if not self.active or not self._before:
-            return None
-        apps = self._poll()
+    def check(self) -> tuple[str | None, str | None]:
+        """One read of Serve's details: (the replaced apps whose new version Serve has not brought up,
+        ``op: DEPLOYING``; ``app: reason`` of every app of this deploy Serve marked DEPLOY_FAILED), None for nothing."""
+        if not self.active:
+            return None, None
+        apps = self._applications()
+        self._unread = 0 if apps is not None else self._unread + 1
         if apps is None:
-            return "Serve's application details unread" if self.active else None
+            if self._unread >= self.UNREAD_POLLS:
+                self._before = None  # for good: /health alone decides from here
+                return None, None
+            return ("Serve's application details unread" if self._before else None), None
+        return self._pending(apps), self._failure(apps)
+
+    def _pending(self, apps: dict[str, Any]) -> str | None:
         waiting = []
         for name, stamp in self._before.items():
             app = apps.get(name) or {}
@@ -172,13 +172,10 @@ class DeployWatch:
                 waiting.append(f"{name}: {app.get('status')}")
         return ", ".join(waiting) or None
 
-    def failure(self) -> str | None:
-        """``app: reason`` of every app of this deploy that Serve marked DEPLOY_FAILED, or None."""
-        if not self.active:
-            return None
+    def _failure(self, apps: dict[str, Any]) -> str | None:
         reasons = []
-        for name, app in (self._poll() or {}).items():
-            if app.get("last_deployed_time_s") == (self._before or {}).get(name) or app.get("status") != "DEPLOY_FAILED":
+        for name, app in apps.items():
+            if app.get("last_deployed_time_s") == self._before.get(name) or app.get("status") != "DEPLOY_FAILED":
                 continue
             messages = [app.get("message") or ""] + [d.get("message") or "" for d in (app.get("deployments") or {}).values()
                                                      if d.get("status") == "DEPLOY_FAILED"]
@@ -221,9 +218,11 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
+        pending, verdict = watch.check() if watch is not None else (None, None)
+        if verdict:
+            raise DeployFailed("deployment failed: " + verdict)
         try:
             r = httpx.get(f"{url}/health", timeout=5)
-            pending = watch.pending() if watch is not None else None
             if r.status_code == 200:
                 if not pending:
                     return True
@@ -237,8 +236,6 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None,
                 last = f"{r.status_code} {body.get('status', '')}" + (f"; Serve: {pending}" if pending else "")
         except (httpx.HTTPError, ValueError) as exc:
             last = type(exc).__name__
-        if watch is not None and (verdict := watch.failure()):
-            raise DeployFailed("deployment failed: " + verdict)
         time.sleep(READY_POLL_S)
     raise FleetserveError(f"{url}/health did not answer 200 within {timeout_s:g}s (last: {last})")
 
